@@ -1,0 +1,40 @@
+# llm-deployment: `make up` and `make test` are all a fresh machine needs.
+PROFILE ?= demo
+CONF    ?= conf
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+DEPLOY  := $(PY) -m deploy --conf $(CONF)
+STAMP   := $(VENV)/.installed
+
+.PHONY: up down status logs test install clean
+
+up: $(STAMP)           ## prepare the profile's models, start or update the stack, wait until it serves
+	$(DEPLOY) up --profile $(PROFILE)
+
+down: $(STAMP)         ## stop every process of the stack
+	$(DEPLOY) down
+
+status: $(STAMP)       ## processes, registered models, URLs
+	$(DEPLOY) status
+
+logs: $(STAMP)         ## last lines of every log; PROGRAM=worker-NAME for one, FOLLOW=1 to follow
+	$(DEPLOY) logs $(PROGRAM) $(if $(FOLLOW),-f)
+
+test: $(STAMP)         ## the whole test suite (PYTEST_ARGS="-k name -x" to narrow it)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+# torch goes in first and pinned: its CPU wheel is on local disk here, and any other
+# torch requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:                 ## remove the venv and the run dir (not the model cache)
+	-$(DEPLOY) down
+	rm -rf $(VENV) run

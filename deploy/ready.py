@@ -1,0 +1,101 @@
+"""Wait until the stack really serves, and say which process failed if it does not.
+
+In order: the controller answers, every worker has registered its model, the API server
+lists the models, the web UI answers, and every model generates a token through the API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+
+from deploy.supervisor import FAILED_STATES, Supervisor
+from launch.config import Deployment
+
+
+class StartupError(Exception):
+    pass
+
+
+@dataclass
+class Check:
+    program: str  # whose log explains a failure
+    label: str
+    probe: Callable[[], str | None]  # None when satisfied, else what is still missing
+
+
+def wait(deployment: Deployment, sup: Supervisor, say: Callable[[str], None] = print) -> None:
+    deadline = time.monotonic() + deployment.stack.startup_timeout
+    for check in checks(deployment):
+        while (missing := check.probe()) is not None:
+            _raise_if_failed(sup)
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"timed out after {deployment.stack.startup_timeout:.0f}s waiting for {check.label}: {missing}\n"
+                    f"last lines of {sup.log_file(check.program)}:\n{sup.tail(check.program)}"
+                )
+            time.sleep(0.5)
+        say(f"  ok  {check.label}")
+
+
+def checks(deployment: Deployment) -> list[Check]:
+    stack = deployment.stack
+    controller, api, web = stack.controller.url, stack.api.url + "/v1", stack.web.url
+    names = [m.name for m in deployment.models]
+
+    def controller_up():
+        return _missing(lambda: requests.post(controller + "/list_models", timeout=2).json()["models"])
+
+    def registered(name):
+        def probe():
+            models = requests.post(controller + "/list_models", timeout=2).json()["models"]
+            return None if name in models else "not registered yet"
+        return lambda: _missing(probe)
+
+    def api_lists():
+        def probe():
+            listed = {m["id"] for m in requests.get(api + "/models", timeout=5).json()["data"]}
+            return None if set(names) <= listed else f"lists {sorted(listed)}"
+        return _missing(probe)
+
+    def web_up():
+        return _missing(lambda: requests.get(web + "/", timeout=5).raise_for_status())
+
+    def answers(name):
+        def probe():
+            body = {"model": name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+            r = requests.post(api + "/completions", json=body, timeout=120)
+            return None if r.status_code == 200 and r.json().get("choices") else f"HTTP {r.status_code}: {r.text[:300]}"
+        return lambda: _missing(probe)
+
+    return [
+        Check("controller", f"controller at {controller}", controller_up),
+        *[Check(f"worker-{n}", f"model {n} registered", registered(n)) for n in names],
+        Check("api", f"OpenAI API at {api}", api_lists),
+        Check("web", f"web UI at {web}", web_up),
+        *[Check(f"worker-{n}", f"model {n} answers through the API", answers(n)) for n in names],
+    ]
+
+
+def _missing(probe: Callable[[], object]) -> str | None:
+    """Run a probe: None if it passed, else why not (a refused connection is just 'not up yet')."""
+    try:
+        result = probe()
+    except requests.ConnectionError:
+        return "not answering yet"
+    except (requests.RequestException, ValueError, KeyError) as e:
+        return f"{type(e).__name__}: {e}"
+    return result if isinstance(result, str) else None
+
+
+def _raise_if_failed(sup: Supervisor) -> None:
+    for p in sup.processes():
+        if p["statename"] in FAILED_STATES:
+            why = p.get("spawnerr") or f"exit status {p.get('exitstatus')}"
+            raise StartupError(
+                f"{p['name']} failed to start ({p['statename']}: {why}).\n"
+                f"last lines of {sup.log_file(p['name'])}:\n{sup.tail(p['name'])}"
+            )

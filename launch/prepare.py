@@ -1,0 +1,81 @@
+"""Prepare every model of a profile into the model cache, once.
+
+    python -m launch.prepare [--conf conf] [--profile demo]
+
+A prepared model is a folder transformers loads natively. Conversions are cached under
+the model cache dir by a key of their inputs, and published with an atomic rename, so an
+interrupted run leaves nothing half-written and a second run converts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from launch import config
+from launch.config import ConfigError, LocalSource, ModelConfig, PypiGgufSource
+
+
+class PrepareError(Exception):
+    """A model could not be prepared; the message says why and what to do."""
+
+
+def prepare(model: ModelConfig, cache_dir: Path) -> Path:
+    """Return the folder to serve `model` from, converting it first if not cached."""
+    source = model.source
+    if isinstance(source, LocalSource):
+        return _check_local(model, source)
+    if isinstance(source, PypiGgufSource):
+        from launch import pypi_gguf
+
+        out = cache_dir / "models" / model.name / f"{model.dtype}-{pypi_gguf.cache_key(source)}"
+        return cached(out, lambda tmp: pypi_gguf.convert(source, model.dtype, cache_dir / "downloads", tmp))
+    raise AssertionError(f"unhandled source kind {source.kind}")
+
+
+def cached(out: Path, build: Callable[[Path], None]) -> Path:
+    """`out` if it exists, else `build(tmp)` then publish tmp as `out` atomically."""
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_local(model: ModelConfig, source: LocalSource) -> Path:
+    path = source.path.expanduser()
+    if not (path / "config.json").is_file():
+        raise PrepareError(
+            f"model '{model.name}': {path} is not a transformers model folder (no config.json); "
+            f"fix source.path in conf/models/{model.name}.yaml"
+        )
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conf", default="conf", help="configuration folder (default: conf)")
+    parser.add_argument("--profile", default=config.DEFAULT_PROFILE)
+    args = parser.parse_args(argv)
+    try:
+        deployment = config.load(args.conf, args.profile)
+        for model in deployment.models:
+            path = prepare(model, deployment.stack.model_cache_dir)
+            print(f"{model.name}: {path}")
+    except (ConfigError, PrepareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""One model worker: a native transformers model behind FastChat's worker protocol.
+
+    python -m launch.worker --model-dir DIR --name NAME --template TEMPLATE \\
+        --port 21002 --controller http://127.0.0.1:21001 [--threads N] [--dtype bfloat16]
+
+FastChat's BaseModelWorker registers with the controller, heartbeats, queues requests
+and serves the worker HTTP API; this module loads the model, turns FastChat's prompt
+string into ids and streams the generated text back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
+from fastchat.serve.base_model_worker import BaseModelWorker, app
+
+from launch import templates
+
+log = logging.getLogger("model_worker")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(args.threads)
+    worker = ModelWorker(args)
+    # Register only once this process answers HTTP: the controller drops a worker whose
+    # status it cannot fetch, and would then not see it again until the next heartbeat.
+    threading.Thread(target=_register_when_listening, args=(worker, args.host, args.port), daemon=True).start()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Serve one model to a FastChat controller.")
+    p.add_argument("--model-dir", required=True, type=Path, help="a transformers model folder")
+    p.add_argument("--name", required=True, help="model name clients ask for")
+    p.add_argument("--template", required=True, help="FastChat conversation template")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind and to advertise")
+    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--controller", default="http://127.0.0.1:21001", help="controller URL")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--context-length", type=int, default=None, help="default: the model's own")
+    p.add_argument("--concurrency", type=int, default=1, help="requests generated at once")
+    return p.parse_args(argv)
+
+
+class RequestError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ModelWorker(BaseModelWorker):
+    def __init__(self, args: argparse.Namespace):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        templates.use_for_models({args.name: args.template})
+        super().__init__(
+            controller_addr=args.controller,
+            worker_addr=f"http://{args.host}:{args.port}",
+            worker_id=uuid.uuid4().hex[:8],
+            model_path=str(args.model_dir),
+            model_names=[args.name],
+            limit_worker_concurrency=args.concurrency,
+            conv_template=args.template,
+        )
+        started = time.perf_counter()
+        self.tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
+        gen = GenerationConfig.from_model_config(self.model.config)
+        if (args.model_dir / "generation_config.json").is_file():
+            gen = GenerationConfig.from_pretrained(args.model_dir)
+        self.defaults = gen
+        own = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.context_len = min(args.context_length or own, own)
+        self.stop_token_ids = frozenset(_as_list(gen.eos_token_id) + list(self.conv.stop_token_ids or []))
+        self._warm_up()
+        log.info(
+            "loaded %s (%s, %d threads, context %d) in %.1fs",
+            args.name, args.dtype, torch.get_num_threads(), self.context_len, time.perf_counter() - started,
+        )
+
+    # --- FastChat worker protocol -------------------------------------------------------
+
+    def generate_stream_gate(self, params: dict) -> Iterator[bytes]:
+        self.call_ct += 1
+        try:
+            for chunk in self.stream(params):
+                yield json.dumps(chunk).encode() + b"\0"
+        except RequestError as e:
+            yield json.dumps({"text": str(e), "error_code": e.code}).encode() + b"\0"
+        except Exception as e:  # a request must never take the worker down
+            log.exception("generation failed")
+            chunk = {"text": f"{SERVER_ERROR_MSG}\n\n({type(e).__name__}: {e})", "error_code": ErrorCode.INTERNAL_ERROR}
+            yield json.dumps(chunk).encode() + b"\0"
+
+    def generate_gate(self, params: dict) -> dict:
+        last = b""
+        for last in self.generate_stream_gate(params):
+            pass
+        return json.loads(last[:-1])
+
+    def count_token(self, params: dict) -> dict:
+        return {"count": len(self.encode(str(params.get("prompt", "")))), "error_code": 0}
+
+    # --- generation ---------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        """FastChat's prompt string → the ids the model was trained on."""
+        return self.tokenizer(prompt).input_ids
+
+    def stream(self, params: dict) -> Iterator[dict]:
+        """Chunks of FastChat's protocol: the whole text so far, usage, finish_reason."""
+        from launch.generate import generate
+
+        prompt = params.get("prompt")
+        if not isinstance(prompt, str):
+            raise RequestError(_code("VALIDATION_TYPE_ERROR"), "'prompt' must be a string")
+        prompt_ids = self.encode(prompt)
+        sampling = self.sampling(params, len(prompt_ids))
+        stops = _stop_strings(params.get("stop"))
+        prefix = prompt if params.get("echo", True) else ""
+        new_ids: list[int] = []
+        text, finish = "", "length"
+        for token in generate(self.model, prompt_ids, sampling):
+            new_ids.append(token)
+            if token in sampling.stop_token_ids:
+                finish = "stop"
+                break
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            # Hold back what may still become a stop string or is half a UTF-8 character.
+            shown = text[: len(text) - _held_back(text, stops)]
+            yield self._chunk(prefix + shown, prompt_ids, new_ids, None)
+        yield self._chunk(prefix + text, prompt_ids, new_ids, finish)
+
+    def sampling(self, params: dict, prompt_len: int):
+        from launch.generate import Sampling
+
+        room = self.context_len - prompt_len
+        if room <= 0:
+            raise RequestError(
+                _code("CONTEXT_OVERFLOW"),
+                f"the prompt is {prompt_len} tokens, but this model's context is {self.context_len} tokens; "
+                f"shorten the conversation",
+            )
+        d = self.defaults
+        try:
+            s = Sampling(
+                max_new_tokens=min(int(_given(params, "max_new_tokens", 256)), room),
+                temperature=float(_given(params, "temperature", d.temperature if d.do_sample else 0.0)),
+                top_p=float(_given(params, "top_p", d.top_p or 1.0)),
+                top_k=int(_given(params, "top_k", -1)),
+                repetition_penalty=float(_given(params, "repetition_penalty", d.repetition_penalty or 1.0)),
+                stop_token_ids=self.stop_token_ids | frozenset(int(t) for t in params.get("stop_token_ids") or []),
+                seed=None if params.get("seed") is None else int(params["seed"]),
+            )
+        except (TypeError, ValueError) as e:
+            raise RequestError(_code("VALIDATION_TYPE_ERROR"), f"invalid sampling parameter: {e}") from None
+        for name, ok, rule in (
+            ("max_new_tokens", s.max_new_tokens >= 1, "at least 1"),
+            ("temperature", s.temperature >= 0, "at least 0"),
+            ("top_p", 0 < s.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", s.repetition_penalty > 0, "above 0"),
+        ):
+            if not ok:
+                raise RequestError(_code("PARAM_OUT_OF_RANGE"), f"{name} must be {rule} (got {getattr(s, name)})")
+        return s
+
+    def _chunk(self, text: str, prompt_ids: list[int], new_ids: list[int], finish: str | None) -> dict:
+        usage = {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(new_ids),
+            "total_tokens": len(prompt_ids) + len(new_ids),
+        }
+        return {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish}
+
+    def _warm_up(self) -> None:
+        from launch.generate import Sampling, generate
+
+        for _ in generate(self.model, self.encode("Hello"), Sampling(max_new_tokens=2, temperature=0)):
+            pass
+
+
+def _register_when_listening(worker, host: str, port: int) -> None:
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    worker.init_heart_beat()
+
+
+def _given(params: dict, key: str, default):
+    value = params.get(key)
+    return default if value is None else value
+
+
+def _stop_strings(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) for s in stops):
+        raise RequestError(_code("VALIDATION_TYPE_ERROR"), "'stop' must be a string or a list of strings")
+    return [s for s in stops if s]
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def _code(name: str) -> int:
+    return int(ErrorCode[name])
+
+
+if __name__ == "__main__":
+    main()
