@@ -10,6 +10,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -66,13 +67,15 @@ def up(args: argparse.Namespace) -> int:
     if sup.running():
         _write(sup.conf, text)
         changes = sup.update()
+        since = time.time()  # update itself stops the programs it restarts
         print(f"supervisord already running: {changes or 'no changes'}")
     else:
         _check_ports_free(deployment)
         _write(sup.conf, text)
+        since = time.time()
         sup.start()
         print(f"supervisord started (config {sup.conf})")
-    wait(deployment, sup)
+    wait(deployment, sup, since)
     print(
         f"\nllm-deployment is up (profile {deployment.profile})\n"
         f"  OpenAI API  {stack.api.url}/v1\n"

