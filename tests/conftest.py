@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
+
+# FastChat modules imported by tests write log files into $LOGDIR (default: the cwd).
+os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="fastchat-logs-"))
 
 
 def free_ports(n: int) -> list[int]:
