@@ -98,7 +98,10 @@ def _raise_if_failed(sup: Supervisor, since: float) -> None:
     # (autorestart), so look at when it last stopped, not only at its state now.
     for p in sup.processes():
         if p["statename"] in FAILED_STATES or p["stop"] >= since:
-            why = p["spawnerr"] or f"exit status {p['exitstatus']}"
+            if p["statename"] in FAILED_STATES:
+                why = f"{p['statename']}: {p['spawnerr'] or 'exit status ' + str(p['exitstatus'])}"
+            else:
+                why = "it exited and supervisor restarted it"
             raise StartupError(
                 f"{p['name']} failed to start ({why}).\n"
                 f"last lines of {sup.log_file(p['name'])}:\n{sup.tail(p['name'])}\n"

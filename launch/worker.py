@@ -21,20 +21,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+import uvicorn
 from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
 from fastchat.serve.base_model_worker import BaseModelWorker, app
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from launch import templates
+from launch.generate import Sampling, generate
 
 log = logging.getLogger("model_worker")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    import uvicorn
-
     torch.set_num_threads(args.threads)
     worker = ModelWorker(args)
     # Register only once this process answers HTTP: the controller drops a worker whose
@@ -66,9 +66,6 @@ class RequestError(Exception):
 
 class ModelWorker(BaseModelWorker):
     def __init__(self, args: argparse.Namespace):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
         templates.use_for_models({args.name: args.template})
         super().__init__(
             controller_addr=args.controller,
@@ -103,10 +100,10 @@ class ModelWorker(BaseModelWorker):
             for chunk in self.stream(params):
                 yield json.dumps(chunk).encode() + b"\0"
         except RequestError as e:
-            yield json.dumps({"text": str(e), "error_code": e.code}).encode() + b"\0"
+            yield json.dumps({"text": str(e), "error_code": int(e.code)}).encode() + b"\0"
         except Exception as e:  # a request must never take the worker down
             log.exception("generation failed")
-            chunk = {"text": f"{SERVER_ERROR_MSG}\n\n({type(e).__name__}: {e})", "error_code": ErrorCode.INTERNAL_ERROR}
+            chunk = {"text": f"{SERVER_ERROR_MSG}\n\n({type(e).__name__}: {e})", "error_code": int(ErrorCode.INTERNAL_ERROR)}
             yield json.dumps(chunk).encode() + b"\0"
 
     def generate_gate(self, params: dict) -> dict:
@@ -126,11 +123,9 @@ class ModelWorker(BaseModelWorker):
 
     def stream(self, params: dict) -> Iterator[dict]:
         """Chunks of FastChat's protocol: the whole text so far, usage, finish_reason."""
-        from launch.generate import generate
-
         prompt = params.get("prompt")
         if not isinstance(prompt, str):
-            raise RequestError(_code("VALIDATION_TYPE_ERROR"), "'prompt' must be a string")
+            raise RequestError(ErrorCode.VALIDATION_TYPE_ERROR, "'prompt' must be a string")
         prompt_ids = self.encode(prompt)
         sampling = self.sampling(params, len(prompt_ids))
         stops = _stop_strings(params.get("stop"))
@@ -152,13 +147,11 @@ class ModelWorker(BaseModelWorker):
             yield self._chunk(prefix + shown, prompt_ids, new_ids, None)
         yield self._chunk(prefix + text, prompt_ids, new_ids, finish)
 
-    def sampling(self, params: dict, prompt_len: int):
-        from launch.generate import Sampling
-
+    def sampling(self, params: dict, prompt_len: int) -> Sampling:
         room = self.context_len - prompt_len
         if room <= 0:
             raise RequestError(
-                _code("CONTEXT_OVERFLOW"),
+                ErrorCode.CONTEXT_OVERFLOW,
                 f"the prompt is {prompt_len} tokens, but this model's context is {self.context_len} tokens; "
                 f"shorten the conversation",
             )
@@ -174,7 +167,7 @@ class ModelWorker(BaseModelWorker):
                 seed=None if params.get("seed") is None else int(params["seed"]),
             )
         except (TypeError, ValueError) as e:
-            raise RequestError(_code("VALIDATION_TYPE_ERROR"), f"invalid sampling parameter: {e}") from None
+            raise RequestError(ErrorCode.VALIDATION_TYPE_ERROR, f"invalid sampling parameter: {e}") from None
         for name, ok, rule in (
             ("max_new_tokens", s.max_new_tokens >= 1, "at least 1"),
             ("temperature", s.temperature >= 0, "at least 0"),
@@ -182,7 +175,7 @@ class ModelWorker(BaseModelWorker):
             ("repetition_penalty", s.repetition_penalty > 0, "above 0"),
         ):
             if not ok:
-                raise RequestError(_code("PARAM_OUT_OF_RANGE"), f"{name} must be {rule} (got {getattr(s, name)})")
+                raise RequestError(ErrorCode.PARAM_OUT_OF_RANGE, f"{name} must be {rule} (got {getattr(s, name)})")
         return s
 
     def _chunk(self, text: str, prompt_ids: list[int], new_ids: list[int], finish: str | None) -> dict:
@@ -194,8 +187,6 @@ class ModelWorker(BaseModelWorker):
         return {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish}
 
     def _warm_up(self) -> None:
-        from launch.generate import Sampling, generate
-
         for _ in generate(self.model, self.encode("Hello"), Sampling(max_new_tokens=2, temperature=0)):
             pass
 
@@ -220,7 +211,7 @@ def _stop_strings(stop) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
     if not all(isinstance(s, str) for s in stops):
-        raise RequestError(_code("VALIDATION_TYPE_ERROR"), "'stop' must be a string or a list of strings")
+        raise RequestError(ErrorCode.VALIDATION_TYPE_ERROR, "'stop' must be a string or a list of strings")
     return [s for s in stops if s]
 
 
@@ -235,9 +226,6 @@ def _as_list(ids) -> list[int]:
         return []
     return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
 
-
-def _code(name: str) -> int:
-    return int(ErrorCode[name])
 
 
 if __name__ == "__main__":
