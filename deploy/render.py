@@ -40,11 +40,11 @@ def render(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path) 
         profile=deployment.profile,
         run_dir=_escape(str(run_dir)),
         root=_escape(str(ROOT)),
-        programs=programs(deployment, model_dirs),
+        programs=programs(deployment, model_dirs, conf_dir),
     )
 
 
-def programs(deployment: Deployment, model_dirs: dict[str, Path]) -> list[Program]:
+def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path) -> list[Program]:
     stack = deployment.stack
     python = sys.executable
     env = {
@@ -91,12 +91,11 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path]) -> list[Progra
             env, priority=30,
         )
     )
-    pairs = [f"--model-template={m.name}={m.template}" for m in deployment.models]
     out.append(
         Program(
             "web",
-            [python, "-m", "launch.web_server", *pairs, "--controller-url", controller,
-             "--host", stack.web.host, "--port", str(stack.web.port), "--model-list-mode", "reload"],
+            [python, "-m", "launch.web_server", "--conf", str(conf_dir), "--profile", deployment.profile,
+             "--controller-url", controller, "--host", stack.web.host, "--port", str(stack.web.port)],
             env, priority=40,
         )
     )

@@ -10,12 +10,13 @@ file, the key and what is allowed, before a single process starts.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PROFILE = "demo"
 CACHE_ENV = "LLMD_CACHE_DIR"  # overrides stack.model_cache_dir, e.g. to share a cache
@@ -29,6 +30,13 @@ def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE) -> Deployment:
     """Load and validate the stack, the profile and every model the profile starts."""
     conf_dir = Path(conf_dir)
     stack = load_stack(conf_dir)
+    if stack.web.users_file is not None:
+        from launch import web_users
+
+        try:
+            web_users.load(stack.web.users_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{conf_dir / 'stack.yaml'}: web.users_file: {e}") from None
     profiles = _names(conf_dir / "profiles")
     if profile not in profiles:
         raise ConfigError(
@@ -79,10 +87,15 @@ class Endpoint(_Strict):
         return f"http://{self.host}:{self.port}"
 
 
+class WebEndpoint(Endpoint):
+    title: str = "llm-deployment"
+    users_file: Path | None = Field(None, description="logins made by `python -m launch.web_users add NAME`")
+
+
 class StackConfig(_Strict):
     controller: Endpoint = Endpoint(port=21001)
     api: Endpoint = Endpoint(port=8000)
-    web: Endpoint = Endpoint(port=7860)
+    web: WebEndpoint = WebEndpoint(port=7860)
     worker_host: str = "127.0.0.1"
     worker_port: Port = Field(21002, description="first worker's port; the i-th worker of a profile gets +i")
     model_cache_dir: Path = Path("~/.cache/llm-deployment")
@@ -93,12 +106,26 @@ class StackConfig(_Strict):
         """Absolute paths: relative ones are taken from the repository root, ~ expanded,
         and $LLMD_CACHE_DIR wins over model_cache_dir."""
         cache = Path(os.environ.get(CACHE_ENV) or self.model_cache_dir).expanduser()
+        web = self.web
+        if web.users_file is not None:
+            web = web.model_copy(update={"users_file": (base / web.users_file.expanduser()).resolve()})
         return self.model_copy(
             update={
                 "model_cache_dir": (base / cache).resolve(),
                 "run_dir": (base / self.run_dir.expanduser()).resolve(),
+                "web": web,
             }
         )
+
+    @model_validator(mode="after")
+    def _web_login_off_loopback(self) -> StackConfig:
+        # The UI lets anyone who reaches it use every model: off loopback, it needs logins.
+        if not _is_loopback(self.web.host) and self.web.users_file is None:
+            raise ValueError(
+                f"web.host {self.web.host} is reachable from other machines, so the web UI needs logins: "
+                f"create them with `python -m launch.web_users add NAME` and set web.users_file"
+            )
+        return self
 
 
 class PypiGgufSource(_Strict):
@@ -124,6 +151,7 @@ class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="lower case, digits, . _ -")
     source: Source
     template: str = Field(description="FastChat conversation template name")
+    description: str = Field("", description="one line shown in the web UI's model list")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     threads: int | None = Field(None, ge=1, description="torch threads; default cores / workers")
     context_length: int | None = Field(None, ge=16, description="default: the model's own")
@@ -158,6 +186,15 @@ class Deployment(BaseModel):
         return self.stack.worker_port + self.models.index(model)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _names(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
@@ -186,11 +223,10 @@ def _describe(path: Path, schema: type[BaseModel], err: dict) -> str:
         return f"{path}: {key}: unknown key; allowed here: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{path}: {key}: required key is missing"
-    if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
-        return f"{path}: {key}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{path}: {key}: {err['msg']}{shown}"
+    shown = "" if isinstance(got, dict) or err["type"].startswith("union_tag") else f" (got {got!r})"
+    return f"{path}: {key}: {msg}{shown}"
 
 
 def _allowed_keys(schema: type[BaseModel], loc: tuple) -> list[str]:

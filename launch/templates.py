@@ -51,17 +51,6 @@ def use_for_models(model_templates: dict[str, str]) -> None:
     model_adapter.get_model_adapter.cache_clear()
 
 
-def parse_pairs(pairs: list[str]) -> dict[str, str]:
-    """`name=template` command-line pairs → dict."""
-    out = {}
-    for pair in pairs:
-        name, sep, template = pair.partition("=")
-        if not sep or not name or not template:
-            raise ValueError(f"expected NAME=TEMPLATE, got {pair!r}")
-        out[name] = template
-    return out
-
-
 def _register() -> None:
     for conv in OWN.values():
         if conv.name not in conv_templates:

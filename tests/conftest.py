@@ -47,7 +47,9 @@ def make_conf(dest: Path, models: dict[str, dict] | None = None, profile: dict |
         "worker_port": worker,  # the next few ports may be taken by chance; tests use 1-2 workers
         "run_dir": str(dest / "run"),
         "startup_timeout": 300,
-    } | stack
+    }
+    settings["web"] |= stack.pop("web", {})
+    settings |= stack
     (conf / "stack.yaml").write_text(yaml.safe_dump(settings))
     for name, body in (models or {}).items():
         (conf / "models" / f"{name}.yaml").write_text(yaml.safe_dump(body))
@@ -97,6 +99,11 @@ class Stack:
     @property
     def models(self) -> list[str]:
         return yaml.safe_load((self.conf / "profiles" / f"{self.profile}.yaml").read_text())["models"]
+
+    def supervisor(self):
+        from deploy.supervisor import Supervisor
+
+        return Supervisor(self.run_dir)
 
     def processes(self) -> list[psutil.Process]:
         """supervisord and every process below it."""

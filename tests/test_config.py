@@ -125,3 +125,18 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     assert done.stderr.startswith("error: ") and "dtype" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "supervisord.pid").exists(), "nothing may start on a bad config"
+
+
+def test_web_ui_off_loopback_needs_logins(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "stack.yaml", web={"host": "0.0.0.0", "port": 7860})
+    msg = load_error(conf)
+    assert "web.host 0.0.0.0 is reachable from other machines" in msg and "python -m launch.web_users add" in msg
+
+
+def test_unreadable_users_file(tmp_path):
+    conf = make_conf(tmp_path)
+    (tmp_path / "users.yaml").write_text("alice: not-a-mapping-of-users\n")
+    edit(conf / "stack.yaml", web={"port": 7860, "users_file": str(tmp_path / "users.yaml")})
+    msg = load_error(conf)
+    assert "web.users_file" in msg and "expected 'users:'" in msg
