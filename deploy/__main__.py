@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -76,6 +77,11 @@ def up(args: argparse.Namespace) -> int:
         sup.start()
         print(f"supervisord started (config {sup.conf})")
     wait(deployment, sup, since)
+    # What is up, for tools that follow (eval.compare picks the profile's question set from it).
+    _write(stack.run_dir / "deployment.json", json.dumps({
+        "profile": deployment.profile, "conf": str(args.conf.resolve()),
+        "api": f"{stack.api.url}/v1", "web": stack.web.url, "models": [m.name for m in deployment.models],
+    }, indent=2))
     print(
         f"\nllm-deployment is up (profile {deployment.profile})\n"
         f"  OpenAI API  {stack.api.url}/v1\n"

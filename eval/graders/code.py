@@ -51,13 +51,17 @@ class CodeSpec(BaseModel):
 
 
 CPP_LANGS = {"", "c", "cpp", "c++", "cc", "cxx", "h", "hpp", "cplusplus", "cpp17", "c++17"}
-_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.MULTILINE | re.DOTALL)
 _MAIN = re.compile(r"\b(int|signed|void|auto)(\s+)main\s*\(")
 _FUNC = re.compile(
     r"\b(?:bool|int|auto)\s+(\w+)\s*\(\s*(?:const\s+)?(?:std\s*::\s*)?vector\s*<\s*int\s*>\s*&?\s*\w*\s*\)"
 )
+# C style: bool f(int nums[], int n) or bool f(int* nums, int n).
+_ARRAY_FUNC = re.compile(
+    r"\b(?:bool|int|auto)\s+(\w+)\s*\(\s*(?:const\s+)?int\s*(?:\*\s*\w*|\w+\s*\[\s*\])\s*,\s*(?:const\s+)?(?:int|long|unsigned|size_t|std::size_t)\s*\w*\s*\)"
+)
 _CLASS = re.compile(r"\b(?:class|struct)\s+(\w+)[^;{()]*\{")
-_CODE_START = re.compile(r"^\s*(#include|using\s+namespace|class\s+\w+|struct\s+\w+|bool\s+\w+\s*\(|template\s*<)", re.M)
+_CODE_START = re.compile(r"^\s*(#include|using\s+namespace|class\s+\w+|struct\s+\w+|bool\s+\w+\s*\(|template\s*<)", re.MULTILINE)
 
 
 def extract_candidates(answer: str) -> list[tuple[str, str]]:
@@ -71,15 +75,18 @@ def extract_candidates(answer: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if len(cpp) > 1:
         out.append(("all C++ blocks joined", "\n".join(cpp)))
-    for i in reversed(range(len(cpp))):
-        if _FUNC.search(cpp[i]):
-            out.append((f"C++ block {i + 1} of {len(cpp)}", cpp[i]))
+    with_func = [i for i in range(len(cpp)) if _FUNC.search(cpp[i]) or _ARRAY_FUNC.search(cpp[i])]
+    # Blocks without a suitable function still go in, so the verdict can say what is missing.
+    for i in reversed(with_func or range(len(cpp))):
+        out.append((f"C++ block {i + 1} of {len(cpp)}", cpp[i]))
     if not cpp and not blocks:
         # Unfenced code: from the first line that looks like C++ to the last closing brace.
         m = _CODE_START.search(answer)
         end = answer.rfind("}")
         if m and end > m.start():
-            out.append(("unfenced code", answer[m.start() : end + 1]))
+            # Through the end of that line, so the `;` of `class Solution { ... };` comes along.
+            eol = answer.find("\n", end)
+            out.append(("unfenced code", answer[m.start() : eol if eol != -1 else len(answer)]))
     return out
 
 
@@ -95,22 +102,27 @@ class _Call:
 
 def _strip_comments_and_strings(src: str) -> str:
     """Same length as src, with comments and literals blanked, so brace depth is trustworthy."""
-    pat = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+    pat = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL)
     return pat.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), src)
 
 
 def find_call(src: str, preferred: str) -> _Call | None:
     clean = _strip_comments_and_strings(src)
-    funcs = [m for m in _FUNC.finditer(clean) if m.group(1) != "main"]
+    funcs = [(m, "(v)") for m in _FUNC.finditer(clean)]
+    funcs += [(m, "(v.data(), (int)v.size())") for m in _ARRAY_FUNC.finditer(clean)]
+    funcs = [(m, args) for m, args in funcs if m.group(1) != "main"]
     if not funcs:
         return None
-    # The configured name first, then anything that says "partition", then the first one.
-    funcs.sort(key=lambda m: (m.group(1) != preferred, "partition" not in m.group(1).lower(), m.start()))
-    fn = funcs[0]
+    # The configured name first, then anything that says "partition", then vector over array,
+    # then the first one.
+    funcs.sort(key=lambda f: (f[0].group(1) != preferred, "partition" not in f[0].group(1).lower(),
+                              f[1] != "(v)", f[0].start()))
+    fn, args = funcs[0]
+    name = fn.group(1)
     cls = _enclosing_class(clean, fn.start())
     if cls:
-        return _Call(f"{cls}().{fn.group(1)}(v)", f"method {cls}::{fn.group(1)}")
-    return _Call(f"{fn.group(1)}(v)", f"function {fn.group(1)}")
+        return _Call(f"{cls}().{name}{args}", f"method {cls}::{name}")
+    return _Call(f"{name}{args}", f"function {name}")
 
 
 def _enclosing_class(clean: str, pos: int) -> str | None:
@@ -157,9 +169,11 @@ def _limits(cpu_s: int, mem_bytes: int | None):
 
 def _run(cmd: list[str], cwd: str, timeout: float, cpu_s: int, mem_bytes: int | None, stdin: str = "") -> tuple[int | None, str, str]:
     """(returncode or None on timeout, stdout, stderr); the whole process group dies on timeout."""
+    # preexec_fn only calls setrlimit (no locks, no allocation of note), which is safe even
+    # though grading runs in a thread pool.
     p = subprocess.Popen(
         cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, preexec_fn=_limits(cpu_s, mem_bytes), start_new_session=True,
+        text=True, preexec_fn=_limits(cpu_s, mem_bytes), start_new_session=True,  # noqa: PLW1509
     )
     try:
         out, err = p.communicate(stdin, timeout=timeout)
@@ -186,7 +200,7 @@ class CodeGrader:
             for label, src in candidates:
                 call = find_call(src, self.spec.function)
                 if call is None:
-                    errors.append(f"{label}: no function taking vector<int> and returning bool")
+                    errors.append(f"{label}: no function taking vector<int> (or an int array and its size) and returning bool")
                     continue
                 ok, msg = self._compile(tmp, build_source(src, call))
                 if not ok:
@@ -216,7 +230,7 @@ class CodeGrader:
         passed = 0
         for case in self.spec.cases:
             stdin = f"{len(case.nums)}\n" + " ".join(map(str, case.nums)) + "\n"
-            rc, out, err = _run(
+            rc, out, _ = _run(
                 [os.path.join(tmp, "prog")], tmp, self.spec.time_limit_s,
                 int(self.spec.time_limit_s) + 1, self.spec.memory_mb << 20, stdin,
             )

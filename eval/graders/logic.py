@@ -34,7 +34,7 @@ class SeatConstraint(BaseModel):
     adjacent: bool | None = None
 
     @model_validator(mode="after")
-    def _fields_fit_kind(self) -> "SeatConstraint":
+    def _fields_fit_kind(self) -> SeatConstraint:
         if self.kind in ("at", "not_at") and not self.seats:
             raise ValueError(f"kind {self.kind!r} needs 'seats'")
         if self.kind not in ("at", "not_at") and not self.of:
@@ -106,7 +106,7 @@ class LogicSpec(BaseModel):
         return patterns
 
     @model_validator(mode="after")
-    def _known_people(self) -> "LogicSpec":
+    def _known_people(self) -> LogicSpec:
         for c in self.constraints:
             for name in (c.who, c.of):
                 if name is not None and name not in self.people:
@@ -150,6 +150,9 @@ class SeatingGrader:
 
     def orders(self, text: str) -> list[tuple[str, ...]]:
         """Complete orders the answer states, in the order they appear (the last is the final one)."""
+        return [o for _, o in self._orders_at(text)]
+
+    def _orders_at(self, text: str) -> list[tuple[int, tuple[str, ...]]]:
         found: list[tuple[int, tuple[str, ...]]] = []
         for m in self._order_re.finditer(text):
             order = tuple(m.groups())
@@ -171,23 +174,30 @@ class SeatingGrader:
             if set(assign) == set(range(1, n + 1)) and len(set(assign.values())) == n:
                 found.append((start, tuple(assign[i] for i in range(1, n + 1))))
                 assign, start = {}, None
-        return [o for _, o in sorted(found)]
+        return sorted(found)
 
     def _introduces_names(self, text: str, pos: int) -> bool:
         before = text[max(0, pos - 20) : pos]
         return any(re.search(normalize(p), before, re.IGNORECASE) for p in self.spec.name_intro_patterns)
 
     def _says(self, patterns: list[str], text: str) -> str | None:
-        for p in patterns:
-            m = re.search(normalize(p), text, re.IGNORECASE)
-            if m:
-                return m.group(0)
-        return None
+        last = self._last(patterns, text)
+        return last[1] if last else None
+
+    @staticmethod
+    def _last(patterns: list[str], text: str) -> tuple[int, str] | None:
+        """(position, snippet) of the latest match of any pattern."""
+        hits = [(m.start(), m.group(0)) for p in patterns for m in re.finditer(normalize(p), text, re.IGNORECASE)]
+        return max(hits) if hits else None
 
     def grade(self, answer: str) -> Verdict:
         text = normalize(answer)
-        claim = self._says(self.spec.impossible_patterns, text)
-        orders = self.orders(text)
+        found = self._orders_at(text)
+        orders = [o for _, o in found]
+        last_claim = self._last(self.spec.impossible_patterns, text)
+        # The conclusion is whatever comes last: "X is not possible ... so the order is C A D B E"
+        # asserts an order, "trying B C D A E ... no arrangement works" says there is none.
+        claim = last_claim[1] if last_claim and (not found or last_claim[0] > found[-1][0]) else None
         details = []
         for o in dict.fromkeys(orders):  # distinct, first-seen order
             br = broken(self.spec, o)

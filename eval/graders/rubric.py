@@ -63,7 +63,7 @@ class RubricSpec(BaseModel):
     alternatives: list[RubricAlternative] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _thresholds(self) -> "RubricSpec":
+    def _thresholds(self) -> RubricSpec:
         if self.partial_at > self.pass_at:
             raise ValueError(f"partial_at ({self.partial_at}) must not exceed pass_at ({self.pass_at})")
         return self
