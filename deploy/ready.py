@@ -14,6 +14,7 @@ import requests
 
 from deploy.supervisor import FAILED_STATES, Supervisor
 from launch.config import Deployment
+from launch.gateway import load_keys
 
 
 class StartupError(Exception):
@@ -47,6 +48,8 @@ def checks(deployment: Deployment) -> list[Check]:
     stack = deployment.stack
     controller, api, web = stack.controller.url, stack.api.url + "/v1", stack.web.url
     names = [m.name for m in deployment.models]
+    keys = sorted(load_keys(stack.api.keys_file))
+    auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
     def controller_up():
         return _missing(lambda: requests.post(controller + "/list_models", timeout=2).json()["models"])
@@ -59,7 +62,7 @@ def checks(deployment: Deployment) -> list[Check]:
 
     def api_lists():
         def probe():
-            listed = {m["id"] for m in requests.get(api + "/models", timeout=5).json()["data"]}
+            listed = {m["id"] for m in requests.get(api + "/models", headers=auth, timeout=5).json()["data"]}
             return None if set(names) <= listed else f"lists {sorted(listed)}"
         return _missing(probe)
 
@@ -69,7 +72,7 @@ def checks(deployment: Deployment) -> list[Check]:
     def answers(name):
         def probe():
             body = {"model": name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
-            r = requests.post(api + "/completions", json=body, timeout=120)
+            r = requests.post(api + "/completions", json=body, headers=auth, timeout=120)
             return None if r.status_code == 200 and r.json().get("choices") else f"HTTP {r.status_code}: {r.text[:300]}"
         return lambda: _missing(probe)
 

@@ -87,7 +87,8 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
         Program(
             "api",
             [python, "-m", "launch.api_server", "--host", stack.api.host, "--port", str(stack.api.port),
-             "--controller-address", controller],
+             "--controller-address", controller, "--expect-models", ",".join(m.name for m in deployment.models),
+             *(["--keys-file", str(stack.api.keys_file)] if stack.api.keys_file else [])],
             env, priority=30,
         )
     )

@@ -37,6 +37,8 @@ def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE) -> Deployment:
             web_users.load(stack.web.users_file)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{conf_dir / 'stack.yaml'}: web.users_file: {e}") from None
+    if stack.api.keys_file is not None and not stack.api.keys_file.is_file():
+        raise ConfigError(f"{conf_dir / 'stack.yaml'}: api.keys_file: {stack.api.keys_file} does not exist")
     profiles = _names(conf_dir / "profiles")
     if profile not in profiles:
         raise ConfigError(
@@ -92,9 +94,13 @@ class WebEndpoint(Endpoint):
     users_file: Path | None = Field(None, description="logins made by `python -m launch.web_users add NAME`")
 
 
+class ApiEndpoint(Endpoint):
+    keys_file: Path | None = Field(None, description="API keys, one per line; $LLMD_API_KEYS adds more")
+
+
 class StackConfig(_Strict):
     controller: Endpoint = Endpoint(port=21001)
-    api: Endpoint = Endpoint(port=8000)
+    api: ApiEndpoint = ApiEndpoint(port=8000)
     web: WebEndpoint = WebEndpoint(port=7860)
     worker_host: str = "127.0.0.1"
     worker_port: Port = Field(21002, description="first worker's port; the i-th worker of a profile gets +i")
@@ -106,16 +112,29 @@ class StackConfig(_Strict):
         """Absolute paths: relative ones are taken from the repository root, ~ expanded,
         and $LLMD_CACHE_DIR wins over model_cache_dir."""
         cache = Path(os.environ.get(CACHE_ENV) or self.model_cache_dir).expanduser()
-        web = self.web
+        web, api = self.web, self.api
         if web.users_file is not None:
             web = web.model_copy(update={"users_file": (base / web.users_file.expanduser()).resolve()})
+        if api.keys_file is not None:
+            api = api.model_copy(update={"keys_file": (base / api.keys_file.expanduser()).resolve()})
         return self.model_copy(
             update={
                 "model_cache_dir": (base / cache).resolve(),
                 "run_dir": (base / self.run_dir.expanduser()).resolve(),
                 "web": web,
+                "api": api,
             }
         )
+
+    @model_validator(mode="after")
+    def _api_keys_off_loopback(self) -> StackConfig:
+        # Keys may also come from $LLMD_API_KEYS, which supervisor passes on to the gateway.
+        if not _is_loopback(self.api.host) and self.api.keys_file is None and not os.environ.get("LLMD_API_KEYS"):
+            raise ValueError(
+                f"api.host {self.api.host} is reachable from other machines, so the API needs keys: "
+                f"put them one per line in a file and set api.keys_file (or export LLMD_API_KEYS)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _web_login_off_loopback(self) -> StackConfig:

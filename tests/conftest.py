@@ -48,7 +48,8 @@ def make_conf(dest: Path, models: dict[str, dict] | None = None, profile: dict |
         "run_dir": str(dest / "run"),
         "startup_timeout": 300,
     }
-    settings["web"] |= stack.pop("web", {})
+    for section in ("controller", "api", "web"):
+        settings[section] |= stack.pop(section, {})
     settings |= stack
     (conf / "stack.yaml").write_text(yaml.safe_dump(settings))
     for name, body in (models or {}).items():

@@ -1,0 +1,181 @@
+"""What the OpenAI API server does beyond FastChat's: a key on every route, errors in
+OpenAI's shape with the HTTP status a client can act on, and /health.
+
+FastChat's server answers every error with HTTP 400 in its own shape, lets /api/v1/* through
+without a key (FastChat issue 2518) and turns a missing worker into a 500 with a traceback.
+`install` fixes these around FastChat's app, without forking its route handlers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+from pathlib import Path
+
+import aiohttp
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastchat.constants import ErrorCode
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastchat.serve import openai_api_server as server
+
+log = logging.getLogger("openai_api_server")
+KEYS_ENV = "LLMD_API_KEYS"  # comma-separated; adds to the keys file
+OPEN_PATHS = {"/health"}
+
+# FastChat's error codes → (HTTP status, OpenAI error type, OpenAI error code)
+STATUS = {
+    ErrorCode.VALIDATION_TYPE_ERROR: (400, "invalid_request_error", "invalid_value"),
+    ErrorCode.INVALID_AUTH_KEY: (401, "invalid_request_error", "invalid_api_key"),
+    ErrorCode.INCORRECT_AUTH_KEY: (401, "invalid_request_error", "invalid_api_key"),
+    ErrorCode.NO_PERMISSION: (403, "invalid_request_error", "permission_denied"),
+    ErrorCode.INVALID_MODEL: (404, "invalid_request_error", "model_not_found"),
+    ErrorCode.PARAM_OUT_OF_RANGE: (400, "invalid_request_error", "invalid_value"),
+    ErrorCode.CONTEXT_OVERFLOW: (400, "invalid_request_error", "context_length_exceeded"),
+    ErrorCode.RATE_LIMIT: (429, "rate_limit_error", "rate_limit_exceeded"),
+    ErrorCode.QUOTA_EXCEEDED: (429, "rate_limit_error", "quota_exceeded"),
+    ErrorCode.ENGINE_OVERLOADED: (429, "rate_limit_error", "queue_full"),
+    ErrorCode.INTERNAL_ERROR: (500, "server_error", "internal_error"),
+    ErrorCode.CONTROLLER_NO_WORKER: (503, "server_error", "model_unavailable"),
+    ErrorCode.CONTROLLER_WORKER_TIMEOUT: (503, "server_error", "model_unavailable"),
+}
+
+
+class NoWorker(Exception):
+    pass
+
+
+def error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def install(keys: set[str], expected_models: set[str] = frozenset()) -> None:
+    """Wrap FastChat's API app: call before uvicorn starts it. `expected_models` are the
+    configured ones: asked for while none of their workers is up, they get 503, not 404."""
+    app = server.app
+    _expected.clear()
+    _expected.update(expected_models)
+    server.create_error_response = fastchat_error
+    server.check_model = check_model
+    server.check_requests = check_requests
+    server.get_worker_address = get_worker_address
+    app.exception_handlers[RequestValidationError] = invalid_request
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(NoWorker, no_worker)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    # Outermost, so that no route, FastChat's /api/v1/* included, is reached without a key.
+    app.add_middleware(ApiKeys, keys=keys)
+
+
+def load_keys(keys_file: Path | None) -> set[str]:
+    keys = {k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()}
+    if keys_file is not None:
+        keys |= {line.strip() for line in keys_file.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    return keys
+
+
+class ApiKeys:
+    """ASGI middleware (streaming-safe): `Authorization: Bearer KEY` on every route but /health."""
+
+    def __init__(self, app, keys: set[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        given = "missing" if not dict(scope["headers"]).get(b"authorization") else "invalid"
+        response = error(401, f"{given} API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
+                         "invalid_api_key")
+        await response(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest against every key: the time taken says nothing about which one is close.
+        return scheme.lower() == b"bearer" and any([hmac.compare_digest(token.strip(), k) for k in self.keys])
+
+
+def fastchat_error(code: int, message: str) -> JSONResponse:
+    status, type_, oa_code = STATUS.get(code, (500, "server_error", "internal_error"))
+    # FastChat words range errors as "... - 'temperature'": name the field for the client.
+    param = m.group(1) if (m := re.search(r"- '(\w+)'$", message)) else None
+    return error(status, message, type_, oa_code, param)
+
+
+_expected: set[str] = set()
+_fastchat_check_requests = server.check_requests
+
+
+async def check_model(request) -> JSONResponse | None:
+    try:
+        models = await server.fetch_remote(server.app_settings.controller_address + "/list_models", None, "models")
+    except (aiohttp.ClientError, OSError) as e:
+        raise NoWorker(f"the controller is not reachable ({e})") from None
+    if request.model in models:
+        return None
+    if request.model in _expected:
+        raise NoWorker(f"no worker of model '{request.model}' is up; try again shortly")
+    return error(404, f"The model '{request.model}' does not exist here; available: {', '.join(sorted(models)) or 'none'}",
+                 "invalid_request_error", "model_not_found", "model")
+
+
+def check_requests(request) -> JSONResponse | None:
+    if getattr(request, "messages", None) is not None and len(request.messages) == 0:
+        return error(400, "messages: must contain at least one message", "invalid_request_error", "invalid_value",
+                     "messages")
+    return _fastchat_check_requests(request)
+
+
+async def get_worker_address(model_name: str) -> str:
+    try:
+        address = await server.fetch_remote(
+            server.app_settings.controller_address + "/get_worker_address", {"model": model_name}, "address"
+        )
+    except (aiohttp.ClientError, OSError) as e:
+        raise NoWorker(f"the controller is not reachable ({e})") from None
+    if not address:
+        raise NoWorker(f"no worker of model '{model_name}' is up; try again shortly")
+    return address
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return error(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
+    message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
+    return error(400, message, "invalid_request_error", "invalid_value", param)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown routes, wrong methods, bodies that do not parse (e.g. invalid UTF-8).
+    if isinstance(exc.detail, dict) and "error" in exc.detail:
+        return JSONResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return error(exc.status_code, str(exc.detail), type_, None)
+
+
+async def no_worker(request: Request, exc: NoWorker) -> JSONResponse:
+    return error(503, str(exc), "server_error", "model_unavailable")
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return error(500, "internal error; the gateway log has the details", "server_error", "internal_error")
+
+
+async def health() -> dict:
+    """Liveness of the gateway and what it can reach: open without a key, for probes."""
+    controller = server.app_settings.controller_address
+    try:
+        await server.fetch_remote(controller + "/refresh_all_workers")
+        models = await server.fetch_remote(controller + "/list_models", None, "models")
+    except (aiohttp.ClientError, OSError, ValueError):
+        return JSONResponse({"status": "degraded", "controller": "unreachable", "models": {}}, status_code=503)
+    return {"status": "ok" if models else "degraded", "controller": "ok", "models": sorted(models)}
