@@ -14,7 +14,7 @@ import requests
 
 from deploy.supervisor import FAILED_STATES, Supervisor
 from launch.config import Deployment
-from launch.gateway import load_keys
+from launch.api_keys import load_keys
 
 
 class StartupError(Exception):

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from launch import compat, gateway
+from launch.api_keys import load_keys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0], *fastchat_args]
     args = server.create_openai_api_server()
-    gateway.install(gateway.load_keys(ours.keys_file), {m for m in ours.expect_models.split(",") if m})
+    gateway.install(load_keys(ours.keys_file), {m for m in ours.expect_models.split(",") if m})
     tls = {"ssl_keyfile": os.environ["SSL_KEYFILE"], "ssl_certfile": os.environ["SSL_CERTFILE"]} if args.ssl else {}
     uvicorn.run(server.app, host=args.host, port=args.port, log_level="info", **tls)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
+from launch.api_keys import KEYS_ENV
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PROFILE = "demo"
@@ -129,7 +130,7 @@ class StackConfig(_Strict):
     @model_validator(mode="after")
     def _api_keys_off_loopback(self) -> StackConfig:
         # Keys may also come from $LLMD_API_KEYS, which supervisor passes on to the gateway.
-        if not _is_loopback(self.api.host) and self.api.keys_file is None and not os.environ.get("LLMD_API_KEYS"):
+        if not _is_loopback(self.api.host) and self.api.keys_file is None and not os.environ.get(KEYS_ENV):
             raise ValueError(
                 f"api.host {self.api.host} is reachable from other machines, so the API needs keys: "
                 f"put them one per line in a file and set api.keys_file (or export LLMD_API_KEYS)"

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import re
-from pathlib import Path
 
 import aiohttp
 from fastapi import Request
@@ -23,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastchat.serve import openai_api_server as server
 
 log = logging.getLogger("openai_api_server")
-KEYS_ENV = "LLMD_API_KEYS"  # comma-separated; adds to the keys file
 OPEN_PATHS = {"/health"}
 
 # FastChat's error codes → (HTTP status, OpenAI error type, OpenAI error code)
@@ -70,13 +67,6 @@ def install(keys: set[str], expected_models: set[str] = frozenset()) -> None:
     app.add_api_route("/health", health, methods=["GET"])
     # Outermost, so that no route, FastChat's /api/v1/* included, is reached without a key.
     app.add_middleware(ApiKeys, keys=keys)
-
-
-def load_keys(keys_file: Path | None) -> set[str]:
-    keys = {k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()}
-    if keys_file is not None:
-        keys |= {line.strip() for line in keys_file.read_text().splitlines() if line.strip() and not line.startswith("#")}
-    return keys
 
 
 class ApiKeys:

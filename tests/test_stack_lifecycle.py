@@ -42,6 +42,7 @@ def test_up_twice_converts_once_and_starts_nothing_twice_then_down_leaves_nothin
     psutil.wait_procs(procs, timeout=30)
     assert gone(procs), f"left running: {[p.cmdline() for p in procs if p.is_running()]}"
     assert "not running" in stack.deploy("status").stdout
+    assert not list(ROOT.glob("*.log")), "FastChat log files written into the work tree"
     try:
         requests.get(stack.api_base + "/models", timeout=2)
         raise AssertionError("the API still answers after down")
