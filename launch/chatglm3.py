@@ -17,7 +17,12 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
-from transformers import GenerationConfig, GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    GlmConfig,
+    GlmForCausalLM,
+    PreTrainedTokenizerFast,
+)
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 from transformers.tokenization_utils_base import generate_merges
 
@@ -33,7 +38,7 @@ ROLE_TOKENS = SPECIAL_TOKENS[5:]
 # </s>, <|user|>, <|observation|>: what the original chat() stops on.
 STOP_TOKEN_IDS = (2, 64795, 64797)
 STOP_TOKENS = ("</s>", "<|user|>", "<|observation|>")
-# The original chat()'s sampling defaults; the release has no generation_config.json.
+# The original chat()'s sampling defaults, for a folder without generation_config.json.
 CHAT_SAMPLING = {"do_sample": True, "top_p": 0.8, "temperature": 0.8}
 SAMPLING_KEYS = ("do_sample", "top_p", "top_k", "temperature", "repetition_penalty", "max_new_tokens")
 
@@ -47,7 +52,7 @@ def convert(src_dir: str | Path, out_dir: str | Path, progress: bool = True) -> 
     ConversionError (a checkpoint variant this mapping does not cover exactly).
     """
     src, out = Path(src_dir), Path(out_dir)
-    original = read_config(src, NAME)
+    original = read_config(src, NAME, needs=("tokenizer.model",))
     tokenizer = convert_tokenizer(src / "tokenizer.model", original.get("seq_length", 8192))
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     config = native_config(original, stop_ids)
@@ -87,6 +92,16 @@ def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
         elif i != last:  # FastChat writes an empty message as a bare role token; the original keeps "\n"
             ids += encode_text(tokenizer, "\n")
     return ids
+
+
+def response_text(decoded: str) -> str:
+    """A decoded reply as the original chat() returns it (its process_response): the model first
+    writes a metadata line, empty for plain replies, which is dropped with the surrounding
+    whitespace. A reply with metadata (a tool call) is returned whole."""
+    metadata, newline, content = decoded.partition("\n")
+    if not newline:
+        metadata, content = "", decoded
+    return content.strip() if not metadata.strip() else decoded
 
 
 def encode_text(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
@@ -151,7 +166,8 @@ def spm_normalizers(dummy_prefix: bool, remove_extra_whitespaces: bool) -> list:
     """sentencepiece's whitespace handling: squeeze/trim ASCII spaces only, then "▁" for each."""
     steps = []
     if remove_extra_whitespaces:
-        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex("^ | $"), "")]
+        # \A and \z: Oniguruma's ^ and $ would also match around every "\n".
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(r"\A | \z"), "")]
     if dummy_prefix:
         steps.append(normalizers.Prepend("▁"))  # unconditional, unlike Metaspace's "always"
     return steps + [normalizers.Replace(" ", "▁")]
@@ -221,7 +237,7 @@ def renamer(original: dict) -> Rename:
             kind = m[2].rsplit(".", 1)[1]
             if tensor.shape[0] != sum(qkv_rows):
                 raise ConversionError(f"{name}: {tensor.shape[0]} rows, config implies {sum(qkv_rows)}")
-            for proj, part in zip("qkv", torch.split(tensor, qkv_rows, dim=0)):
+            for proj, part in zip("qkv", torch.split(tensor, qkv_rows, dim=0), strict=True):
                 yield f"model.layers.{m[1]}.self_attn.{proj}_proj.{kind}", part
         else:
             raise ConversionError(f"unknown tensor {name} in the ChatGLM3 checkpoint")

