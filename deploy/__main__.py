@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
+from deploy import memory
 from deploy.ready import StartupError, wait
 from deploy.render import render
 from deploy.supervisor import Supervisor, SupervisorError
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, PrepareError) as e:
+    except (ConfigError, PrepareError, memory.MemoryCheckError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (SupervisorError, StartupError) as e:
@@ -63,6 +65,9 @@ def up(args: argparse.Namespace) -> int:
     for model in deployment.models:
         model_dirs[model.name] = prepare(model, stack.model_cache_dir)
         print(f"  ok  {model.name} prepared in {model_dirs[model.name]}")
+    running = _own_processes(sup) if sup.running() else []
+    needs = memory.check(deployment, model_dirs, running)
+    print(f"  ok  memory: about {(sum(e.total for e in needs) + memory.STACK_OVERHEAD) / memory.GiB:.1f} GiB needed")
     text = render(deployment, model_dirs, args.conf.resolve())
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     if sup.running():
@@ -139,6 +144,13 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _own_processes(sup: Supervisor) -> list[psutil.Process]:
+    try:
+        return psutil.Process(sup.pid()).children(recursive=True)
+    except (psutil.Error, TypeError, ValueError):
+        return []
 
 
 def _check_ports_free(deployment: Deployment) -> None:

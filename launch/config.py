@@ -108,6 +108,7 @@ class StackConfig(_Strict):
     model_cache_dir: Path = Path("~/.cache/llm-deployment")
     run_dir: Path = Path("run")
     startup_timeout: float = Field(600, gt=0, description="seconds `make up` waits for the stack")
+    memory_limit_gib: float | None = Field(None, gt=0, description="memory the workers may use; default: what is available")
 
     def resolved(self, base: Path) -> StackConfig:
         """Absolute paths: relative ones are taken from the repository root, ~ expanded,

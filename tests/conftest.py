@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
 # FastChat modules imported by tests write log files into $LOGDIR (default: the cwd).
-os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="fastchat-logs-"))
+if "LOGDIR" not in os.environ:
+    os.environ["LOGDIR"] = tempfile.mkdtemp(prefix="fastchat-logs-")
+    atexit.register(shutil.rmtree, os.environ["LOGDIR"], ignore_errors=True)
 
 
 def free_ports(n: int) -> list[int]:

@@ -74,3 +74,13 @@ def test_a_port_in_use_is_named_before_anything_starts(tmp_path):
     assert done.returncode == 2
     assert f"127.0.0.1:{stack.settings['api']['port']} (api.port in conf/stack.yaml) is not available" in done.stderr
     assert not stack.processes()
+
+
+def test_a_profile_that_does_not_fit_is_refused_with_the_numbers(tmp_path):
+    stack = Stack(make_conf(tmp_path, memory_limit_gib=1.2), "demo")
+    done = stack.deploy("up", check=False)
+    assert done.returncode == 2
+    err = done.stderr
+    assert "profile 'demo' needs about 2.0 GiB, but 1.2 GiB is stack.memory_limit_gib" in err
+    assert "smollm2-135m" in err and "0.3 GiB weights (bfloat16)" in err and "KV cache (8192 tokens)" in err
+    assert not stack.processes()
