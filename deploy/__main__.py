@@ -158,8 +158,8 @@ def _check_ports_free(deployment: Deployment) -> None:
     wanted = [("controller.port", stack.controller.host, stack.controller.port),
               ("api.port", stack.api.host, stack.api.port),
               ("web.port", stack.web.host, stack.web.port)]
-    wanted += [(f"worker_port (+{i}, {m.name})", stack.worker_host, deployment.worker_port(m))
-               for i, m in enumerate(deployment.models)]
+    wanted += [(f"worker_port (+{w.port - stack.worker_port}, {w.program})", stack.worker_host, w.port)
+               for w in deployment.workers()]
     for key, host, port in wanted:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -44,7 +44,7 @@ def check(deployment: Deployment, model_dirs: dict[str, Path], running: list[psu
     """Raise MemoryCheckError, with the numbers and what to change, if the profile does not fit
     in `stack.memory_limit_gib` or else in the memory available now plus what the stack's own
     `running` processes hold (an update replaces them)."""
-    estimates = [estimate(m, model_dirs[m.name]) for m in deployment.models]
+    estimates = [estimate(w.model, model_dirs[w.model.name]) for w in deployment.workers()]
     needed = sum(e.total for e in estimates) + STACK_OVERHEAD
     limit_gib = deployment.stack.memory_limit_gib
     if limit_gib is not None:

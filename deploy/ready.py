@@ -54,10 +54,11 @@ def checks(deployment: Deployment) -> list[Check]:
     def controller_up():
         return _missing(lambda: requests.post(controller + "/list_models", timeout=2).json()["models"])
 
-    def registered(name):
+    def registered(name, replicas):
         def probe():
-            models = requests.post(controller + "/list_models", timeout=2).json()["models"]
-            return None if name in models else "not registered yet"
+            workers = requests.post(controller + "/list_workers", timeout=2).json().values()
+            up = sum(name in w["models"] for w in workers)
+            return None if up >= replicas else f"{up} of {replicas} workers registered"
         return lambda: _missing(probe)
 
     def api_lists():
@@ -78,10 +79,12 @@ def checks(deployment: Deployment) -> list[Check]:
 
     return [
         Check("controller", f"controller at {controller}", controller_up),
-        *[Check(f"worker-{n}", f"model {n} registered", registered(n)) for n in names],
+        *[Check(w.program, f"model {w.model.name} registered" + (f" ({w.model.replicas} replicas)" if w.model.replicas > 1 else ""),
+                registered(w.model.name, w.model.replicas)) for w in deployment.workers() if w.replica == 1],
         Check("api", f"OpenAI API at {api}", api_lists),
         Check("web", f"web UI at {web}", web_up),
-        *[Check(f"worker-{n}", f"model {n} answers through the API", answers(n)) for n in names],
+        *[Check(w.program, f"model {w.model.name} answers through the API", answers(w.model.name))
+          for w in deployment.workers() if w.replica == 1],
     ]
 
 

@@ -56,17 +56,21 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
         "PYTHONPATH": str(ROOT),
+        # A worker re-registers within seconds after a controller restart (FastChat: 45 s).
+        "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "5",
     }
     controller = stack.controller.url
+    secret = ["--secret-file", str(stack.controller.secret_file)] if stack.controller.secret_file else []
     out = [
         Program(
             "controller",
-            [python, "-m", "fastchat.serve.controller", "--host", stack.controller.host,
-             "--port", str(stack.controller.port), "--dispatch-method", "shortest_queue"],
+            [python, "-m", "launch.controller", "--host", stack.controller.host,
+             "--port", str(stack.controller.port), "--dispatch-method", "shortest_queue", *secret],
             env, priority=10,
         )
     ]
-    for model in deployment.models:
+    for worker in deployment.workers():
+        model = worker.model
         threads = deployment.threads(model)
         argv = [
             python, "-m", "launch.worker",
@@ -76,13 +80,15 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
             "--dtype", model.dtype,
             "--threads", str(threads),
             "--concurrency", str(model.concurrency),
+            "--queue-size", str(model.queue_size),
             "--host", stack.worker_host,
-            "--port", str(deployment.worker_port(model)),
+            "--port", str(worker.port),
             "--controller", controller,
+            *secret,
         ]
         if model.context_length:
             argv += ["--context-length", str(model.context_length)]
-        out.append(Program(f"worker-{model.name}", argv, env | {"OMP_NUM_THREADS": str(threads)}, priority=20))
+        out.append(Program(worker.program, argv, env | {"OMP_NUM_THREADS": str(threads)}, priority=20))
     out.append(
         Program(
             "api",

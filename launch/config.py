@@ -38,8 +38,9 @@ def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE) -> Deployment:
             web_users.load(stack.web.users_file)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{conf_dir / 'stack.yaml'}: web.users_file: {e}") from None
-    if stack.api.keys_file is not None and not stack.api.keys_file.is_file():
-        raise ConfigError(f"{conf_dir / 'stack.yaml'}: api.keys_file: {stack.api.keys_file} does not exist")
+    for key, path in (("api.keys_file", stack.api.keys_file), ("controller.secret_file", stack.controller.secret_file)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{conf_dir / 'stack.yaml'}: {key}: {path} does not exist")
     profiles = _names(conf_dir / "profiles")
     if profile not in profiles:
         raise ConfigError(
@@ -99,8 +100,12 @@ class ApiEndpoint(Endpoint):
     keys_file: Path | None = Field(None, description="API keys, one per line; $LLMD_API_KEYS adds more")
 
 
+class ControllerEndpoint(Endpoint):
+    secret_file: Path | None = Field(None, description="registration secret that workers must present")
+
+
 class StackConfig(_Strict):
-    controller: Endpoint = Endpoint(port=21001)
+    controller: ControllerEndpoint = ControllerEndpoint(port=21001)
     api: ApiEndpoint = ApiEndpoint(port=8000)
     web: WebEndpoint = WebEndpoint(port=7860)
     worker_host: str = "127.0.0.1"
@@ -114,7 +119,9 @@ class StackConfig(_Strict):
         """Absolute paths: relative ones are taken from the repository root, ~ expanded,
         and $LLMD_CACHE_DIR wins over model_cache_dir."""
         cache = Path(os.environ.get(CACHE_ENV) or self.model_cache_dir).expanduser()
-        web, api = self.web, self.api
+        web, api, controller = self.web, self.api, self.controller
+        if controller.secret_file is not None:
+            controller = controller.model_copy(update={"secret_file": (base / controller.secret_file.expanduser()).resolve()})
         if web.users_file is not None:
             web = web.model_copy(update={"users_file": (base / web.users_file.expanduser()).resolve()})
         if api.keys_file is not None:
@@ -125,8 +132,22 @@ class StackConfig(_Strict):
                 "run_dir": (base / self.run_dir.expanduser()).resolve(),
                 "web": web,
                 "api": api,
+                "controller": controller,
             }
         )
+
+    @model_validator(mode="after")
+    def _secret_off_loopback(self) -> StackConfig:
+        # FastChat's controller trusts whoever registers a worker (CVE-2024-10044).
+        exposed = [f"{k} {h}" for k, h in (("controller.host", self.controller.host), ("worker_host", self.worker_host))
+                   if not _is_loopback(h)]
+        if exposed and self.controller.secret_file is None:
+            raise ValueError(
+                f"{' and '.join(exposed)} reachable from other machines needs a registration secret: "
+                f"write a random string of 16+ characters to a file (e.g. `openssl rand -hex 32 > conf/controller-secret`) "
+                f"and set controller.secret_file"
+            )
+        return self
 
     @model_validator(mode="after")
     def _api_keys_off_loopback(self) -> StackConfig:
@@ -184,6 +205,8 @@ class ModelConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch threads; default cores / workers")
     context_length: int | None = Field(None, ge=16, description="default: the model's own")
     concurrency: int = Field(1, ge=1, description="requests generated at once; more wait in the queue")
+    queue_size: int = Field(16, ge=0, description="requests that may wait; more are refused with 429")
+    replicas: int = Field(1, ge=1, description="worker processes serving this model; a request fails over between them")
 
 
 class Profile(_Strict):
@@ -207,11 +230,23 @@ class Deployment(BaseModel):
     profile_config: Profile
     models: list[ModelConfig]
 
-    def threads(self, model: ModelConfig) -> int:
-        return model.threads or max(1, (os.cpu_count() or 1) // len(self.models))
+    def workers(self) -> list[Worker]:
+        """One per replica of each model, on consecutive ports from stack.worker_port."""
+        replicas = [(m, r) for m in self.models for r in range(1, m.replicas + 1)]
+        return [Worker(model=m, replica=r, port=self.stack.worker_port + i) for i, (m, r) in enumerate(replicas)]
 
-    def worker_port(self, model: ModelConfig) -> int:
-        return self.stack.worker_port + self.models.index(model)
+    def threads(self, model: ModelConfig) -> int:
+        return model.threads or max(1, (os.cpu_count() or 1) // len(self.workers()))
+
+
+class Worker(BaseModel):
+    model: ModelConfig
+    replica: int
+    port: int
+
+    @property
+    def program(self) -> str:
+        return f"worker-{self.model.name}" + (f"-{self.replica}" if self.model.replicas > 1 else "")
 
 
 def _is_loopback(host: str) -> bool:

@@ -9,10 +9,12 @@ without a key (FastChat issue 2518) and turns a missing worker into a 500 with a
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 
 import aiohttp
+import httpx
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -60,6 +62,8 @@ def install(keys: set[str], expected_models: set[str] = frozenset()) -> None:
     server.check_model = check_model
     server.check_requests = check_requests
     server.get_worker_address = get_worker_address
+    server.generate_completion_stream = generate_completion_stream
+    server.generate_completion = generate_completion
     app.exception_handlers[RequestValidationError] = invalid_request
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(NoWorker, no_worker)
@@ -131,6 +135,76 @@ async def get_worker_address(model_name: str) -> str:
     if not address:
         raise NoWorker(f"no worker of model '{model_name}' is up; try again shortly")
     return address
+
+
+_fastchat_stream = server.generate_completion_stream
+_fastchat_generate = server.generate_completion
+RETRYABLE = {ErrorCode.ENGINE_OVERLOADED, ErrorCode.CONTROLLER_NO_WORKER}
+
+
+async def generate_completion_stream(payload: dict, worker_addr: str):
+    """FastChat's stream from a worker, retried once on another replica when the worker fails
+    or is full before its first token. After that, the client has text: an error ends it."""
+    async for chunk in _with_failover(payload, worker_addr):
+        if chunk.get("error_code"):
+            # FastChat puts this dict into the stream as it is; with an "error" member, OpenAI
+            # clients raise it as an API error instead of choking on a chunk without choices.
+            _, type_, code = STATUS.get(chunk["error_code"], (500, "server_error", "internal_error"))
+            chunk = chunk | {"error": {"message": chunk.get("text", ""), "type": type_, "param": None, "code": code}}
+        yield chunk
+
+
+async def _with_failover(payload: dict, worker_addr: str):
+    for attempt in (1, 2):
+        started = False
+        try:
+            async for chunk in _fastchat_stream(payload, worker_addr):
+                if not started and attempt == 1 and chunk.get("error_code") in RETRYABLE:
+                    break
+                started = True
+                yield chunk
+            else:
+                return
+        except (httpx.TransportError, OSError) as e:
+            if started:
+                log.warning("worker %s failed mid-answer: %r", worker_addr, e)
+                yield {"text": f"the model's worker failed mid-answer ({type(e).__name__})",
+                       "error_code": ErrorCode.INTERNAL_ERROR}
+                return
+        if attempt == 1:
+            log.warning("worker %s failed or was full before the first token: retrying on another replica", worker_addr)
+            worker_addr = await _another_worker(payload["model"], worker_addr)
+    yield {"text": f"no worker of model '{payload['model']}' could answer; try again shortly",
+           "error_code": ErrorCode.CONTROLLER_NO_WORKER}
+
+
+async def generate_completion(payload: dict, worker_addr: str) -> dict:
+    """FastChat's one-shot generation, retried once on another replica like the stream."""
+    for attempt in (1, 2):
+        try:
+            content = await _fastchat_generate(payload, worker_addr)
+            if isinstance(content, (bytes, str)):  # fetch_remote's way of saying HTTP != 200
+                content = json.loads(content)
+            if content.get("error_code") not in RETRYABLE or attempt == 2:
+                return content
+        except (aiohttp.ClientError, OSError) as e:
+            log.warning("worker %s failed: %r", worker_addr, e)
+            if attempt == 2:
+                break
+        worker_addr = await _another_worker(payload["model"], worker_addr)
+    return {"text": f"no worker of model '{payload['model']}' could answer; try again shortly",
+            "error_code": ErrorCode.CONTROLLER_NO_WORKER}
+
+
+async def _another_worker(model: str, failed: str) -> str:
+    """Ask the controller again: it drops workers that do not answer, and a full worker's
+    queue makes the shortest-queue dispatch pick another replica."""
+    controller = server.app_settings.controller_address
+    try:
+        await server.fetch_remote(controller + "/refresh_all_workers")
+        return await server.fetch_remote(controller + "/get_worker_address", {"model": model}, "address") or failed
+    except (aiohttp.ClientError, OSError):
+        return failed
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

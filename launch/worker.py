@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import requests
 import torch
 import uvicorn
 from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
@@ -28,6 +29,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from launch import templates
+from launch.controller import SECRET_HEADER
 from launch.generate import Sampling, generate
 
 log = logging.getLogger("model_worker")
@@ -36,7 +38,12 @@ log = logging.getLogger("model_worker")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.secret_file:
+        from fastchat.serve import base_model_worker
+
+        base_model_worker.requests = _WithSecret(args.secret_file.read_text().strip())
     worker = ModelWorker(args)
+    app.add_middleware(QueueLimit, worker=worker, limit=args.concurrency + args.queue_size)
     # Register only once this process answers HTTP: the controller drops a worker whose
     # status it cannot fetch, and would then not see it again until the next heartbeat.
     threading.Thread(target=_register_when_listening, args=(worker, args.host, args.port), daemon=True).start()
@@ -55,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--context-length", type=int, default=None, help="default: the model's own")
     p.add_argument("--concurrency", type=int, default=1, help="requests generated at once")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more are refused (429)")
+    p.add_argument("--secret-file", type=Path, help="the controller's registration secret")
     return p.parse_args(argv)
 
 
@@ -194,6 +203,25 @@ class ModelWorker(BaseModelWorker):
             pass
 
 
+class QueueLimit:
+    """ASGI middleware: refuse a generation at once when the queue is full. FastChat's worker
+    queues every request without bound, so under overload clients would only time out."""
+
+    PATHS = {"/worker_generate_stream": b"\0", "/worker_generate": b""}
+
+    def __init__(self, app, worker: ModelWorker, limit: int):
+        self.app, self.worker, self.limit = app, worker, limit
+
+    async def __call__(self, scope, receive, send):
+        end = self.PATHS.get(scope.get("path")) if scope["type"] == "http" else None
+        if end is None or self.worker.get_queue_length() < self.limit:
+            return await self.app(scope, receive, send)
+        body = json.dumps({"text": f"the model's queue is full ({self.limit} requests); retry shortly",
+                           "error_code": int(ErrorCode.ENGINE_OVERLOADED)}).encode() + end
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def prompt_codec(template: str):
     """(encode, reply) for a conversation template. ChatGLM3 and Qwen were trained on ids that
     tokenizing FastChat's prompt string as a whole does not give (role and content are encoded
@@ -217,7 +245,25 @@ def _register_when_listening(worker, host: str, port: int) -> None:
             break
         except OSError:
             time.sleep(0.1)
-    worker.init_heart_beat()
+    try:
+        worker.init_heart_beat()
+    except Exception as e:  # noqa: BLE001 (refused, unreachable: either way this worker is useless)
+        log.error("could not register with the controller at %s: %r (a registration secret missing or wrong?)",
+                  worker.controller_addr, e)
+        os._exit(3)  # supervisor shows the failure; `make up` prints this log's tail
+
+
+class _WithSecret:
+    """Stands in for `requests` in FastChat's base_model_worker, which registers and sends
+    heartbeats with `requests.post`: adds the controller's registration secret."""
+
+    exceptions = requests.exceptions
+
+    def __init__(self, secret: str):
+        self.headers = {SECRET_HEADER: secret}
+
+    def post(self, url: str, **kwargs):
+        return requests.post(url, headers=self.headers | kwargs.pop("headers", {}), **kwargs)
 
 
 def _given(params: dict, key: str, default):
