@@ -6,7 +6,8 @@ FastChat's controller lets anyone who reaches it register a worker under any mod
 (CVE-2024-10044) and keeps dispatching to a dead worker until its heartbeat expires (90 s).
 Here a registration or heartbeat must come from loopback or, when a secret file is given,
 carry that secret; and every worker is probed every few seconds, so a dead one leaves the
-dispatch within seconds (supervisor restarts it, and it registers again when ready).
+dispatch within seconds (supervisor restarts it, and it registers again when ready), and the
+queue lengths the dispatch goes by are at most a probe old.
 """
 
 from __future__ import annotations
@@ -88,8 +89,12 @@ def probe_forever(controller, interval: float) -> None:
         time.sleep(interval)
         for name in list(controller.worker_info):
             try:
-                requests.post(name + "/worker_get_status", timeout=max(1.0, interval)).raise_for_status()
+                r = requests.post(name + "/worker_get_status", timeout=max(1.0, interval))
+                r.raise_for_status()
                 slow.pop(name, None)
+                if (info := controller.worker_info.get(name)) is not None:
+                    # Fresher than the heartbeat's (every few seconds): better shortest-queue dispatch.
+                    info.queue_length = r.json().get("queue_length", info.queue_length)
                 continue
             except requests.Timeout:
                 # A busy worker may answer late once; a refused connection means it is gone.

@@ -1,5 +1,6 @@
 """What the OpenAI API server does beyond FastChat's: a key on every route, errors in
-OpenAI's shape with the HTTP status a client can act on, and /health.
+OpenAI's shape with the HTTP status a client can act on, failover between a model's replicas,
+/health and /metrics.
 
 FastChat's server answers every error with HTTP 400 in its own shape, lets /api/v1/* through
 without a key (FastChat issue 2518) and turns a missing worker into a 500 with a traceback.
@@ -17,10 +18,12 @@ import aiohttp
 import httpx
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastchat.constants import ErrorCode
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastchat.serve import openai_api_server as server
+
+from launch import metrics
 
 log = logging.getLogger("openai_api_server")
 OPEN_PATHS = {"/health"}
@@ -69,8 +72,11 @@ def install(keys: set[str], expected_models: set[str] = frozenset()) -> None:
     app.add_exception_handler(NoWorker, no_worker)
     app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/health", health, methods=["GET"])
-    # Outermost, so that no route, FastChat's /api/v1/* included, is reached without a key.
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    metrics.REGISTRY.register(metrics.WorkerQueues(server.app_settings.controller_address))
+    # Before any route, so that none, FastChat's /api/v1/* included, is reached without a key.
     app.add_middleware(ApiKeys, keys=keys)
+    app.add_middleware(metrics.RequestCounter)
 
 
 class ApiKeys:
@@ -106,6 +112,7 @@ _fastchat_check_requests = server.check_requests
 
 
 async def check_model(request) -> JSONResponse | None:
+    metrics.note_model(request.model)
     try:
         models = await server.fetch_remote(server.app_settings.controller_address + "/list_models", None, "models")
     except (aiohttp.ClientError, OSError) as e:
@@ -145,13 +152,19 @@ RETRYABLE = {ErrorCode.ENGINE_OVERLOADED, ErrorCode.CONTROLLER_NO_WORKER}
 async def generate_completion_stream(payload: dict, worker_addr: str):
     """FastChat's stream from a worker, retried once on another replica when the worker fails
     or is full before its first token. After that, the client has text: an error ends it."""
+    timing = metrics.Timing(payload["model"])
+    tokens = 0
     async for chunk in _with_failover(payload, worker_addr):
+        if chunk.get("text") and not chunk.get("error_code"):
+            timing.chunk()
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
         if chunk.get("error_code"):
             # FastChat puts this dict into the stream as it is; with an "error" member, OpenAI
             # clients raise it as an API error instead of choking on a chunk without choices.
             _, type_, code = STATUS.get(chunk["error_code"], (500, "server_error", "internal_error"))
             chunk = chunk | {"error": {"message": chunk.get("text", ""), "type": type_, "param": None, "code": code}}
         yield chunk
+    timing.done(tokens)
 
 
 async def _with_failover(payload: dict, worker_addr: str):
@@ -186,6 +199,7 @@ async def generate_completion(payload: dict, worker_addr: str) -> dict:
             if isinstance(content, (bytes, str)):  # fetch_remote's way of saying HTTP != 200
                 content = json.loads(content)
             if content.get("error_code") not in RETRYABLE or attempt == 2:
+                metrics.TOKENS.labels(payload["model"]).inc((content.get("usage") or {}).get("completion_tokens", 0))
                 return content
         except (aiohttp.ClientError, OSError) as e:
             log.warning("worker %s failed: %r", worker_addr, e)
@@ -235,11 +249,18 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def health() -> dict:
-    """Liveness of the gateway and what it can reach: open without a key, for probes."""
+    """The gateway, the controller, and each worker with its models and queue: open without a
+    key, for load balancers and probes. 503 while no model can be served."""
     controller = server.app_settings.controller_address
     try:
-        await server.fetch_remote(controller + "/refresh_all_workers")
-        models = await server.fetch_remote(controller + "/list_models", None, "models")
+        workers = await server.fetch_remote(controller + "/list_workers", None, "")
     except (aiohttp.ClientError, OSError, ValueError):
-        return JSONResponse({"status": "degraded", "controller": "unreachable", "models": {}}, status_code=503)
-    return {"status": "ok" if models else "degraded", "controller": "ok", "models": sorted(models)}
+        return JSONResponse({"status": "down", "controller": "unreachable", "models": [], "workers": {}}, status_code=503)
+    models = sorted({m for w in workers.values() for m in w["models"]})
+    body = {"status": "ok" if models else "down", "controller": "ok", "models": models, "workers": workers}
+    return body if models else JSONResponse(body, status_code=503)
+
+
+async def prometheus() -> Response:
+    content, media_type = metrics.exposition()
+    return Response(content, media_type=media_type)

@@ -55,6 +55,8 @@ def test_every_route_but_health_needs_a_key(stack, method, path, key):
 def test_health_is_open_and_keys_come_from_file_and_env(stack):
     r = requests.get(stack.api_base.removesuffix("/v1") + "/health", timeout=10)
     assert r.status_code == 200 and r.json()["models"] == [MODEL]
+    [worker] = r.json()["workers"].values()
+    assert worker["models"] == [MODEL] and worker["queue_length"] in (0, 1)
     for key in (KEY, "sk-from-env"):
         assert [m.id for m in openai.OpenAI(base_url=stack.api_base, api_key=key).models.list()] == [MODEL]
 
@@ -120,3 +122,20 @@ def test_a_model_whose_workers_are_all_down_is_503(stack):
     finally:
         sup.rpc.startProcess(f"worker-{MODEL}")
         stack.up()
+
+
+def test_metrics(stack):
+    client = openai.OpenAI(base_url=stack.api_base, api_key=KEY)
+    list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0, stream=True))
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0)
+    post(stack, "/v1/chat/completions", {"model": "gpt-4", "messages": HELLO})
+    r = requests.get(stack.api_base.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    text = r.text
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    line = lambda prefix: next(float(l.split()[-1]) for l in text.splitlines() if l.startswith(prefix))  # noqa: E731
+    assert line(f'llmd_requests_total{{model="{MODEL}",route="/v1/chat/completions",status="200"}}') >= 2
+    assert line('llmd_requests_total{model="gpt-4",route="/v1/chat/completions",status="404"}') >= 1
+    assert line(f'llmd_generated_tokens_total{{model="{MODEL}"}}') >= 10
+    assert line(f'llmd_time_to_first_token_seconds_count{{model="{MODEL}"}}') >= 1
+    assert line(f'llmd_time_per_output_token_seconds_count{{model="{MODEL}"}}') >= 1
+    assert line(f'llmd_worker_queue_length{{model="{MODEL}"') in (0, 1)  # a probe (1 s) old
