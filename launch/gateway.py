@@ -50,6 +50,10 @@ class NoWorker(Exception):
     pass
 
 
+class UnknownModel(Exception):
+    pass
+
+
 def error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
@@ -70,6 +74,7 @@ def install(keys: set[str], expected_models: set[str] = frozenset()) -> None:
     app.exception_handlers[RequestValidationError] = invalid_request
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(NoWorker, no_worker)
+    app.add_exception_handler(UnknownModel, unknown_model)
     app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
@@ -113,16 +118,18 @@ _fastchat_check_requests = server.check_requests
 
 async def check_model(request) -> JSONResponse | None:
     metrics.note_model(request.model)
-    try:
-        models = await server.fetch_remote(server.app_settings.controller_address + "/list_models", None, "models")
-    except (aiohttp.ClientError, OSError) as e:
-        raise NoWorker(f"the controller is not reachable ({e})") from None
-    if request.model in models:
+    if request.model in await _served_models():
         return None
     if request.model in _expected:
         raise NoWorker(f"no worker of model '{request.model}' is up; try again shortly")
-    return error(404, f"The model '{request.model}' does not exist here; available: {', '.join(sorted(models)) or 'none'}",
-                 "invalid_request_error", "model_not_found", "model")
+    return await unknown_model(None, UnknownModel(request.model))
+
+
+async def _served_models() -> list[str]:
+    try:
+        return await server.fetch_remote(server.app_settings.controller_address + "/list_models", None, "models")
+    except (aiohttp.ClientError, OSError) as e:
+        raise NoWorker(f"the controller is not reachable ({e})") from None
 
 
 def check_requests(request) -> JSONResponse | None:
@@ -140,6 +147,8 @@ async def get_worker_address(model_name: str) -> str:
     except (aiohttp.ClientError, OSError) as e:
         raise NoWorker(f"the controller is not reachable ({e})") from None
     if not address:
+        if model_name not in _expected and model_name not in await _served_models():
+            raise UnknownModel(model_name)  # FastChat's /api/v1/token_check asks without checking
         raise NoWorker(f"no worker of model '{model_name}' is up; try again shortly")
     return address
 
@@ -237,6 +246,12 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
         return JSONResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
     type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
     return error(exc.status_code, str(exc.detail), type_, None)
+
+
+async def unknown_model(request: Request | None, exc: UnknownModel) -> JSONResponse:
+    models = await _served_models()
+    return error(404, f"The model '{exc}' does not exist here; available: {', '.join(sorted(models)) or 'none'}",
+                 "invalid_request_error", "model_not_found", "model")
 
 
 async def no_worker(request: Request, exc: NoWorker) -> JSONResponse:
