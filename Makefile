@@ -6,6 +6,9 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 DEPLOY  := $(PY) -m deploy --conf $(CONF)
 STAMP   := $(VENV)/.installed
+# Where the CPU build of torch comes from. Empty: pip's own configuration (here a local wheel).
+# Elsewhere: make up TORCH_INDEX=https://download.pytorch.org/whl/cpu (else pip takes CUDA's).
+TORCH_INDEX ?=
 
 .PHONY: up down status logs test install clean
 
@@ -31,7 +34,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -22,6 +22,7 @@ from deploy.ready import StartupError, wait
 from deploy.render import render
 from deploy.supervisor import Supervisor, SupervisorError
 from launch import config
+from launch.api_keys import load_keys
 from launch.config import ConfigError, Deployment
 from launch.prepare import PrepareError, prepare
 
@@ -68,8 +69,8 @@ def up(args: argparse.Namespace) -> int:
     running = _own_processes(sup) if sup.running() else []
     needs = memory.check(deployment, model_dirs, running)
     print(f"  ok  memory: about {(sum(e.total for e in needs) + memory.STACK_OVERHEAD) / memory.GiB:.1f} GiB needed")
-    text = render(deployment, model_dirs, args.conf.resolve())
     stack.run_dir.mkdir(parents=True, exist_ok=True)
+    text = render(deployment, model_dirs, args.conf.resolve(), _keys_in_force(stack))
     if sup.running():
         _write(sup.conf, text)
         changes = sup.update()
@@ -140,9 +141,23 @@ def logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(path: Path, text: str) -> None:
+def _keys_in_force(stack) -> Path | None:
+    """The API keys of conf's keys file and of $LLMD_API_KEYS now, in a private file for the API
+    server (so that a key exported or revoked since the last `make up` takes effect)."""
+    keys = load_keys(stack.api.keys_file)
+    path = stack.run_dir / "api-keys"
+    if not keys:
+        path.unlink(missing_ok=True)
+        return None
+    _write(path, "".join(f"{k}\n" for k in sorted(keys)), mode=0o600)
+    return path
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     tmp.replace(path)
 
 

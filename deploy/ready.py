@@ -74,6 +74,8 @@ def checks(deployment: Deployment) -> list[Check]:
         def probe():
             body = {"model": name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
             r = requests.post(api + "/completions", json=body, headers=auth, timeout=120)
+            if r.status_code in (400, 401, 403, 422):  # will not get better by waiting
+                raise StartupError(f"model {name} refuses a one-token request: HTTP {r.status_code}: {r.text[:500]}")
             return None if r.status_code == 200 and r.json().get("choices") else f"HTTP {r.status_code}: {r.text[:300]}"
         return lambda: _missing(probe)
 

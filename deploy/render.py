@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import sys
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import jinja2
 
-from launch.config import Deployment
+from launch.config import ConfigError, Deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).with_name("supervisord.conf.tmpl")
@@ -32,19 +33,21 @@ class Program:
         return ",".join(f'{k}="{_escape(v)}"' for k, v in self.env.items())
 
 
-def render(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path) -> str:
-    """The supervisord.conf text for `deployment`, serving each model from `model_dirs`."""
+def render(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path, keys_file: Path | None = None) -> str:
+    """The supervisord.conf text for `deployment`, serving each model from `model_dirs`;
+    `keys_file` holds the API keys in force (conf's file and $LLMD_API_KEYS together)."""
     run_dir = deployment.stack.run_dir
     return jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined).render(
         conf_dir=conf_dir,
         profile=deployment.profile,
         run_dir=_escape(str(run_dir)),
         root=_escape(str(ROOT)),
-        programs=programs(deployment, model_dirs, conf_dir),
+        programs=programs(deployment, model_dirs, conf_dir, keys_file),
     )
 
 
-def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path) -> list[Program]:
+def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path,
+             keys_file: Path | None = None) -> list[Program]:
     stack = deployment.stack
     python = sys.executable
     env = {
@@ -58,6 +61,9 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
         "PYTHONPATH": str(ROOT),
         # A worker re-registers within seconds after a controller restart (FastChat: 45 s).
         "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "5",
+        # supervisord hands on the environment it started with: keys exported back then
+        # must not linger; the API reads the keys in force from keys_file.
+        "LLMD_API_KEYS": "",
     }
     controller = stack.controller.url
     secret = ["--secret-file", str(stack.controller.secret_file)] if stack.controller.secret_file else []
@@ -94,8 +100,9 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
             "api",
             [python, "-m", "launch.api_server", "--host", stack.api.host, "--port", str(stack.api.port),
              "--controller-address", controller, "--expect-models", ",".join(m.name for m in deployment.models),
-             *(["--keys-file", str(stack.api.keys_file)] if stack.api.keys_file else [])],
-            env, priority=30,
+             *(["--keys-file", str(keys_file)] if keys_file else [])],
+            # Changed keys change the program, so that `make up` restarts it.
+            env | {"LLMD_KEYS_DIGEST": _digest(keys_file.read_bytes() if keys_file else b"")}, priority=30,
         )
     )
     out.append(
@@ -103,12 +110,27 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
             "web",
             [python, "-m", "launch.web_server", "--conf", str(conf_dir), "--profile", deployment.profile,
              "--controller-url", controller, "--host", stack.web.host, "--port", str(stack.web.port)],
-            env, priority=40,
+            # The UI reads title, logins and model descriptions from conf/ at start: a change restarts it.
+            env | {"LLMD_CONF_DIGEST": _digest(_web_inputs(deployment))}, priority=40,
         )
     )
     return out
 
 
+def _web_inputs(deployment: Deployment) -> bytes:
+    web = deployment.stack.web
+    users = web.users_file.read_bytes() if web.users_file else b""
+    models = [(m.name, m.template, m.description) for m in deployment.models]
+    return repr((web.title, models)).encode() + users
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def _escape(value: str) -> str:
+    # A newline would start a new section of the INI file, a quote end an environment value.
+    if any(c in value for c in '"\n\r\x00'):
+        raise ConfigError(f"{value!r}: quotes and line breaks cannot go into the supervisor config; rename the path")
     # supervisord expands %(name)s in values; a literal % must be doubled.
     return value.replace("%", "%%")

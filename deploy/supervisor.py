@@ -77,7 +77,7 @@ class Supervisor:
         except (OSError, ValueError):
             return None
 
-    def shutdown(self, timeout: float = 60) -> None:
+    def shutdown(self, timeout: float = 120) -> None:
         """Stop every program, then supervisord itself; return once it is gone."""
         pid = self.pid()
         self.rpc.shutdown()

@@ -236,7 +236,7 @@ class Deployment(BaseModel):
         return [Worker(model=m, replica=r, port=self.stack.worker_port + i) for i, (m, r) in enumerate(replicas)]
 
     def threads(self, model: ModelConfig) -> int:
-        return model.threads or max(1, (os.cpu_count() or 1) // len(self.workers()))
+        return model.threads or max(1, len(os.sched_getaffinity(0)) // len(self.workers()))
 
 
 class Worker(BaseModel):

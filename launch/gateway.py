@@ -132,10 +132,16 @@ async def _served_models() -> list[str]:
         raise NoWorker(f"the controller is not reachable ({e})") from None
 
 
+MAX_N = 4  # choices per request: each is a full generation on a CPU
+
+
 def check_requests(request) -> JSONResponse | None:
     if getattr(request, "messages", None) is not None and len(request.messages) == 0:
         return error(400, "messages: must contain at least one message", "invalid_request_error", "invalid_value",
                      "messages")
+    if (getattr(request, "n", None) or 1) > MAX_N:
+        return error(400, f"n: at most {MAX_N} choices per request (got {request.n})", "invalid_request_error",
+                     "invalid_value", "n")
     return _fastchat_check_requests(request)
 
 

@@ -31,10 +31,10 @@ def generate(model: PreTrainedModel, prompt_ids: list[int], sampling: Sampling) 
     cache = DynamicCache(config=model.config)
     history = torch.tensor(prompt_ids, dtype=torch.long)
     logits = model(input_ids=history[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-    for _ in range(sampling.max_new_tokens):
+    for step in range(sampling.max_new_tokens):
         token = sample(logits, history, sampling, generator)
         yield token
-        if token in sampling.stop_token_ids:
+        if token in sampling.stop_token_ids or step == sampling.max_new_tokens - 1:
             return
         history = torch.cat([history, torch.tensor([token])])
         logits = model(input_ids=history[None, -1:], past_key_values=cache, use_cache=True).logits[0, -1]

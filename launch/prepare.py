@@ -47,7 +47,11 @@ def cached(out: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         build(tmp)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not out.is_dir():  # else another `make up` published the same result first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -47,7 +47,9 @@ def use_for_models(model_templates: dict[str, str]) -> None:
             return get_conv_template(model_templates[os.path.basename(model_path)])
 
     # First in the list: FastChat's own adapters match loosely by substring ("qwen", "chatglm").
-    model_adapter.model_adapters.insert(0, ConfiguredModels())
+    adapters = model_adapter.model_adapters
+    adapters[:] = [a for a in adapters if type(a).__name__ != "ConfiguredModels"]
+    adapters.insert(0, ConfiguredModels())
     model_adapter.get_model_adapter.cache_clear()
 
 

@@ -54,9 +54,11 @@ def load(path: Path) -> dict[str, str]:
 def authenticator(path: Path):
     """A gradio `auth` callable checking names and passwords against the file."""
     users = load(path)
+    # An unknown name costs the same scrypt as a known one: timing does not tell names apart.
+    nobody = hash_password(os.urandom(16).hex())
 
     def check(name: str, password: str) -> bool:
-        return name in users and verify(users[name], password)
+        return verify(users.get(name, nobody), password) and name in users
 
     return check
 
@@ -80,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         users[args.name] = hash_password(password)
     args.file.parent.mkdir(parents=True, exist_ok=True)
-    args.file.write_text(yaml.safe_dump({"users": users}))
-    args.file.chmod(0o600)
+    tmp = args.file.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump({"users": users}))
+    tmp.replace(args.file)
     print(f"{args.file}: {args.action} {args.name} ({len(users)} users)")
     return 0
 

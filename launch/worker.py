@@ -24,8 +24,8 @@ from pathlib import Path
 import requests
 import torch
 import uvicorn
-from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
-from fastchat.serve.base_model_worker import BaseModelWorker, app
+from fastchat.constants import ErrorCode
+from fastchat.serve.base_model_worker import BaseModelWorker, app, heart_beat_worker
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from launch import templates
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     # Register only once this process answers HTTP: the controller drops a worker whose
     # status it cannot fetch, and would then not see it again until the next heartbeat.
     threading.Thread(target=_register_when_listening, args=(worker, args.host, args.port), daemon=True).start()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # A stop must not wait for every queued request: supervisor would have to SIGKILL.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,9 +112,10 @@ class ModelWorker(BaseModelWorker):
                 yield json.dumps(chunk).encode() + b"\0"
         except RequestError as e:
             yield json.dumps({"text": str(e), "error_code": int(e.code)}).encode() + b"\0"
-        except Exception as e:  # a request must never take the worker down
+        except Exception:  # a request must never take the worker down
             log.exception("generation failed")
-            chunk = {"text": f"{SERVER_ERROR_MSG}\n\n({type(e).__name__}: {e})", "error_code": int(ErrorCode.INTERNAL_ERROR)}
+            chunk = {"text": "internal error in the model worker; its log has the details",
+                     "error_code": int(ErrorCode.INTERNAL_ERROR)}
             yield json.dumps(chunk).encode() + b"\0"
 
     def generate_gate(self, params: dict) -> dict:
@@ -245,12 +247,20 @@ def _register_when_listening(worker, host: str, port: int) -> None:
             break
         except OSError:
             time.sleep(0.1)
-    try:
-        worker.init_heart_beat()
-    except Exception as e:  # noqa: BLE001 (refused, unreachable: either way this worker is useless)
-        log.error("could not register with the controller at %s: %r (a registration secret missing or wrong?)",
-                  worker.controller_addr, e)
-        os._exit(3)  # supervisor shows the failure; `make up` prints this log's tail
+    delay = 1.0
+    while True:
+        try:
+            worker.register_to_controller()
+            break
+        except requests.RequestException as e:  # the controller is not up (yet): keep the model loaded
+            log.warning("controller at %s not reachable (%s); retrying in %.0fs", worker.controller_addr, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except AssertionError:  # FastChat's way of saying the controller answered, but not 200
+            log.error("the controller at %s refused the registration: a registration secret missing or wrong?",
+                      worker.controller_addr)
+            os._exit(3)  # supervisor shows the failure; `make up` prints this log's tail
+    threading.Thread(target=heart_beat_worker, args=(worker,), daemon=True).start()
 
 
 class _WithSecret:

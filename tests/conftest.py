@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 
 # FastChat modules imported by tests write log files into $LOGDIR (default: the cwd).
 if "LOGDIR" not in os.environ:

@@ -35,9 +35,11 @@ def stack(tmp_path_factory):
               NO_QUEUE: base | {"name": NO_QUEUE, "queue_size": 0, "threads": 1}}
     s = Stack(make_conf(tmp, models=models, profile={"models": [MODEL, NO_QUEUE]},
                         controller={"secret_file": str(tmp / "secret")}), "test")
-    s.up()
-    yield s
-    s.deploy("down")
+    try:
+        s.up()
+        yield s
+    finally:
+        s.deploy("down", check=False)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,11 @@ def stack(tmp_path_factory):
     (tmp / "api-keys").write_text(f"# one key per line\n{KEY}\n")
     s = Stack(make_conf(tmp, api={"keys_file": str(tmp / "api-keys")}), "demo")
     s.env["LLMD_API_KEYS"] = "sk-from-env"
-    s.up()
-    yield s
-    s.deploy("down")
+    try:
+        s.up()
+        yield s
+    finally:
+        s.deploy("down", check=False)
 
 
 def post(stack, path, body=None, key=KEY, **kw):
@@ -75,6 +77,7 @@ BAD = [  # (body, status, field named, words in the message)
     ({"model": MODEL, "messages": HELLO, "max_tokens": 0}, 400, "max_tokens", ["max_tokens"]),
     ({"model": MODEL, "messages": HELLO, "top_p": 7}, 400, "top_p", ["top_p"]),
     ({"model": MODEL, "messages": []}, 400, "messages", ["at least one message"]),
+    ({"model": MODEL, "messages": HELLO, "n": 40}, 400, "n", ["at most 4 choices"]),
     ({"model": MODEL}, 400, "messages", ["messages", "required"]),
     ({"messages": HELLO}, 400, "model", ["model", "required"]),
     ({"model": MODEL, "messages": "x" * 1_000_000}, 400, None, ["maximum context length is 8192", "tokens"]),
@@ -83,7 +86,7 @@ BAD = [  # (body, status, field named, words in the message)
 
 @pytest.mark.parametrize("body, status, param, words", BAD, ids=[
     "unknown-model", "negative-temperature", "temperature-type", "zero-max-tokens", "top-p-range",
-    "empty-messages", "no-messages", "no-model", "1MB-prompt"])
+    "empty-messages", "n-40", "no-messages", "no-model", "1MB-prompt"])
 def test_bad_chat_requests(stack, body, status, param, words):
     r = post(stack, "/v1/chat/completions", body)
     assert r.status_code == status, r.text

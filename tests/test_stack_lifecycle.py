@@ -20,18 +20,27 @@ def test_up_twice_converts_once_and_starts_nothing_twice_then_down_leaves_nothin
     shutil.copytree(shipped.stack.model_cache_dir / "downloads", cache / "downloads")
     stack = Stack(make_conf(tmp_path, model_cache_dir=str(cache)), "demo")
 
-    first = stack.up()
-    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in first.stdout + first.stderr
-    assert "model smollm2-135m answers through the API" in first.stdout
-    assert f"OpenAI API  {stack.api_base}" in first.stdout
-    before = {p.pid for p in stack.processes()}
     try:
+        first = stack.up()
+        assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in first.stdout + first.stderr
+        assert "model smollm2-135m answers through the API" in first.stdout
+        assert f"OpenAI API  {stack.api_base}" in first.stdout
+        before = {p.pid for p in stack.processes()}
         second = stack.up()
         assert "converting" not in second.stdout + second.stderr
         assert "already running: no changes" in second.stdout
         assert {p.pid for p in stack.processes()} == before
         workers = [p for p in stack.processes() if "launch.worker" in " ".join(p.cmdline())]
         assert len(workers) == 1
+
+        # A changed conf/ is applied: the UI's title restarts the web UI, and nothing else.
+        settings = stack.settings
+        settings["web"]["title"] = "Renamed"
+        (stack.conf / "stack.yaml").write_text(__import__("yaml").safe_dump(settings))
+        old = {p["name"]: p["pid"] for p in stack.supervisor().processes()}
+        stack.up()
+        new = {p["name"]: p["pid"] for p in stack.supervisor().processes()}
+        assert [n for n in old if old[n] != new[n]] == ["web"]
 
         status = stack.deploy("status").stdout
         assert "worker-smollm2-135m" in status and "RUNNING" in status and "models registered: smollm2-135m" in status
@@ -60,7 +69,7 @@ def test_a_worker_that_cannot_start_fails_up_with_its_log(tmp_path):
         done = stack.deploy("up", "--profile", "test", check=False)
         assert done.returncode == 1
         assert "worker-broken failed to start" in done.stderr
-        assert "last lines of" in done.stderr and "Error" in done.stderr  # the worker's own traceback tail
+        assert "last lines of" in done.stderr and "Traceback" in done.stderr  # the worker's own traceback tail
     finally:
         stack.deploy("down")
 

@@ -31,9 +31,11 @@ def stack(tmp_path_factory):
     conf = make_conf(tmp, models={"smollm2-135m-f32": F32}, profile={"models": ["smollm2-135m", "smollm2-135m-f32"]},
                      web={"users_file": str(users), "title": "Acme LLMs"})
     s = Stack(conf, "test")
-    s.up()
-    yield s
-    s.deploy("down")
+    try:
+        s.up()
+        yield s
+    finally:
+        s.deploy("down", check=False)
 
 
 @pytest.fixture(scope="module")
