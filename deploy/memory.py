@@ -57,7 +57,7 @@ def check(deployment: Deployment, model_dirs: dict[str, Path], running: list[psu
             f"profile '{deployment.profile}' needs about {needed / GiB:.1f} GiB, but {limit / GiB:.1f} GiB is "
             f"{source}:\n{lines}\n  {'rest of the stack':<24} {STACK_OVERHEAD / GiB:.1f} GiB\n"
             f"Start fewer models at once (a smaller profile), lower context_length or concurrency, "
-            f"or serve a model in fewer bytes per weight."
+            f"or quantize a model (quant: int8 in its conf/models/NAME.yaml halves its weights)."
         )
     return estimates
 
@@ -65,14 +65,16 @@ def check(deployment: Deployment, model_dirs: dict[str, Path], running: list[psu
 def estimate(model: ModelConfig, folder: Path) -> Estimate:
     config = json.loads((folder / "config.json").read_text())
     per = BYTES[model.dtype]
-    weights = sum(_elements(f) for f in folder.glob("*.safetensors")) * per
+    files = list(folder.glob("*.safetensors"))
+    # int8 folders are served as stored (int8 weights, their scales, the rest in bf16).
+    weights = sum(_stored_bytes(f) for f in files) if model.quant == "int8" else sum(_elements(f) for f in files) * per
     layers = config.get("num_hidden_layers", 0)
     heads = config.get("num_attention_heads", 1)
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
     context = model.context_length or config.get("max_position_embeddings") or 2048
     kv = 2 * layers * kv_heads * head_dim * context * per * model.concurrency
-    return Estimate(model.name, weights, kv, context, model.dtype)
+    return Estimate(model.name, weights, kv, context, "int8" if model.quant == "int8" else model.dtype)
 
 
 def _elements(file: Path) -> int:
@@ -83,6 +85,21 @@ def _elements(file: Path) -> int:
             for d in f.get_slice(key).get_shape():
                 n *= d
             total += n
+    return total
+
+
+STORED = {"I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
+
+
+def _stored_bytes(file: Path) -> int:
+    with safe_open(file, framework="pt") as f:
+        total = 0
+        for key in f.keys():
+            s = f.get_slice(key)
+            n = 1
+            for d in s.get_shape():
+                n *= d
+            total += n * STORED.get(s.get_dtype(), 4)
     return total
 
 

@@ -84,6 +84,7 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
             "--name", model.name,
             "--template", model.template,
             "--dtype", model.dtype,
+            "--quant", model.quant,
             "--threads", str(threads),
             "--concurrency", str(model.concurrency),
             "--queue-size", str(model.queue_size),

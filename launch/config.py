@@ -202,6 +202,7 @@ class ModelConfig(_Strict):
     template: str = Field(description="FastChat conversation template name")
     description: str = Field("", description="one line shown in the web UI's model list")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    quant: Literal["none", "int8"] = Field("none", description="int8: weights quantized by Neural Compressor (RTN)")
     threads: int | None = Field(None, ge=1, description="torch threads; default cores / workers")
     context_length: int | None = Field(None, ge=16, description="default: the model's own")
     concurrency: int = Field(1, ge=1, description="requests generated at once; more wait in the queue")

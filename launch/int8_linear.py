@@ -29,8 +29,10 @@ DECODE_MAX_ROWS = 8
 # Output channels widened to bf16 at once on the prefill path (2048 x 4096 bf16 = 16 MiB).
 PREFILL_BLOCK = 2048
 # `_weight_int8pack_mm` crashes the process (SIGSEGV, torch 2.13) for some inner sizes that
-# are not multiples of 16, e.g. 24 or 37; such layers always take the prefill path.
+# are not multiples of 16, e.g. 24 or 136, and for weights not 64-byte aligned (safetensors
+# packs tensors back to back, so a loaded int8 tensor can start at any byte).
 _INT8PACK_K_MULTIPLE = 16
+_ALIGN = 64
 
 
 class Int8Linear(nn.Module):
@@ -43,8 +45,8 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         # Buffers, not parameters: nothing here is trained, and buffers are not tied or
         # re-initialised by transformers.
-        self.register_buffer("weight", weight.contiguous(), persistent=False)
-        self.register_buffer("scale", scale.reshape(-1).to(dtype).contiguous(), persistent=False)
+        self.register_buffer("weight", _aligned(weight), persistent=False)
+        self.register_buffer("scale", _aligned(scale.reshape(-1).to(dtype)), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(dtype), persistent=False)
         self._int8pack = self.in_features % _INT8PACK_K_MULTIPLE == 0
 
@@ -82,14 +84,19 @@ class Int8Embedding(nn.Module):
         super().__init__()
         _check(weight, scale)
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.register_buffer("weight", weight.contiguous(), persistent=False)
-        self.register_buffer("scale", scale.reshape(-1).to(dtype).contiguous(), persistent=False)
+        self.register_buffer("weight", _aligned(weight), persistent=False)
+        self.register_buffer("scale", _aligned(scale.reshape(-1).to(dtype)), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # A fresh allocation is aligned; the copy is made once per tensor, at load time.
+    return t.contiguous() if t.is_contiguous() and t.data_ptr() % _ALIGN == 0 else t.contiguous().clone()
 
 
 def _check(weight: torch.Tensor, scale: torch.Tensor) -> None:

@@ -25,14 +25,28 @@ class PrepareError(Exception):
 
 
 def prepare(model: ModelConfig, cache_dir: Path) -> Path:
-    """Return the folder to serve `model` from, converting it first if not cached."""
+    """Return the folder to serve `model` from, converting (and quantizing) it first if not cached."""
+    folder = _prepare_source(model, cache_dir)
+    if model.quant == "int8":
+        from launch.quantize import QuantizeError, ensure_int8
+
+        try:
+            folder, _ = ensure_int8(folder, cache_dir / "models" / model.name)
+        except QuantizeError as e:
+            raise PrepareError(f"model '{model.name}': {e}") from None
+    return folder
+
+
+def _prepare_source(model: ModelConfig, cache_dir: Path) -> Path:
     source = model.source
     if isinstance(source, LocalSource):
         return _check_local(model, source)
     if isinstance(source, PypiGgufSource):
         from launch import pypi_gguf
 
-        out = cache_dir / "models" / model.name / f"{model.dtype}-{pypi_gguf.cache_key(source)}"
+        # Keyed by the package, not the model name: models made from the same file share it.
+        package = source.package.split("==")[0]
+        out = cache_dir / "models" / package / f"{model.dtype}-{pypi_gguf.cache_key(source)}"
         return cached(out, lambda tmp: pypi_gguf.convert(source, model.dtype, cache_dir / "downloads", tmp))
     if isinstance(source, OriginalSource):
         return _convert_original(model, source, cache_dir)

@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=21002)
     p.add_argument("--controller", default="http://127.0.0.1:21001", help="controller URL")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--quant", default="none", choices=["none", "int8"], help="int8: a folder made by launch.quantize")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--context-length", type=int, default=None, help="default: the model's own")
     p.add_argument("--concurrency", type=int, default=1, help="requests generated at once")
@@ -89,7 +90,12 @@ class ModelWorker(BaseModelWorker):
         started = time.perf_counter()
         self._encode, self._reply = prompt_codec(args.template)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
+        if args.quant == "int8":
+            from launch.quantize import load_int8
+
+            self.model = load_int8(args.model_dir, threads=args.threads)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
         gen = GenerationConfig.from_model_config(self.model.config)
         if (args.model_dir / "generation_config.json").is_file():
             gen = GenerationConfig.from_pretrained(args.model_dir)
@@ -100,7 +106,7 @@ class ModelWorker(BaseModelWorker):
         self._warm_up()
         log.info(
             "loaded %s (%s, %d threads, context %d) in %.1fs",
-            args.name, args.dtype, torch.get_num_threads(), self.context_len, time.perf_counter() - started,
+            args.name, "int8" if args.quant == "int8" else args.dtype, torch.get_num_threads(), self.context_len, time.perf_counter() - started,
         )
 
     # --- FastChat worker protocol -------------------------------------------------------

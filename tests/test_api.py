@@ -58,3 +58,8 @@ def test_non_ascii_streams_intact(client):
     prompt = "Voilà: café, naïve, 你好, 🙂"
     chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, stream=True)
     assert "".join(c.choices[0].text for c in chunks if c.choices).startswith(prompt)
+
+
+def test_the_int8_worker_answers_too(client):
+    reply = client.chat.completions.create(model=f"{MODEL}-int8", messages=QUESTION, temperature=0, max_tokens=40)
+    assert "Paris" in reply.choices[0].message.content

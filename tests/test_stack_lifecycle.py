@@ -31,7 +31,7 @@ def test_up_twice_converts_once_and_starts_nothing_twice_then_down_leaves_nothin
         assert "already running: no changes" in second.stdout
         assert {p.pid for p in stack.processes()} == before
         workers = [p for p in stack.processes() if "launch.worker" in " ".join(p.cmdline())]
-        assert len(workers) == 1
+        assert len(workers) == 2  # bf16 and int8
 
         # A changed conf/ is applied: the UI's title restarts the web UI, and nothing else.
         settings = stack.settings
@@ -90,6 +90,7 @@ def test_a_profile_that_does_not_fit_is_refused_with_the_numbers(tmp_path):
     done = stack.deploy("up", check=False)
     assert done.returncode == 2
     err = done.stderr
-    assert "profile 'demo' needs about 2.0 GiB, but 1.2 GiB is stack.memory_limit_gib" in err
-    assert "smollm2-135m" in err and "0.3 GiB weights (bfloat16)" in err and "KV cache (8192 tokens)" in err
+    assert "profile 'demo' needs about 2.9 GiB, but 1.2 GiB is stack.memory_limit_gib" in err
+    assert "0.3 GiB weights (bfloat16)" in err and "0.1 GiB weights (int8)" in err and "KV cache (8192 tokens)" in err
+    assert "quant: int8" in err and err.startswith("error: ")
     assert not stack.processes()

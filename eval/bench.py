@@ -1,0 +1,268 @@
+"""Benchmarks. One subcommand per kind; `direct` runs models in this process (no server).
+
+    python -m eval.bench direct --model DIR|synth:qwen-7b|synth:glm3-6b [--model ...]
+                                [--quality SMOLLM2_DIR] [--threads N] [--json OUT]
+
+For each model, bf16 then int8 (launch.quantize, cached): decode tokens/s of one stream
+(64 new tokens after a short prompt, EOS ignored), the time of a 512-token prefill, and the
+decode bound = memory read bandwidth / weight bytes read per token, with the bandwidth
+measured in the same run (the machine is shared: compare ratios within a run, not runs).
+`--quality` adds int8-vs-bf16 agreement on real weights (top-1, mean KL, greedy answers).
+`synth:` models are random native-layout checkpoints of the real shapes, written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from launch.generate import Sampling, generate
+from launch.quantize import QuantConfig, ensure_int8, load_int8
+
+DEFAULT_CACHE = Path.home() / ".cache" / "llm-deployment" / "bench"
+
+# Native transformers configs with the real shapes of the two 7B-class chat models.
+SYNTH = {
+    "qwen-7b": dict(
+        model_type="qwen2", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, intermediate_size=11008, vocab_size=151936, max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+    "glm3-6b": dict(
+        model_type="glm", hidden_size=4096, num_hidden_layers=28, num_attention_heads=32, num_key_value_heads=2,
+        head_dim=128, intermediate_size=13696, vocab_size=65024, max_position_embeddings=8192,
+        tie_word_embeddings=False, attention_bias=True,
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("direct", help="bf16 vs int8 decode/prefill speed and quality, in process")
+    d.add_argument("--model", action="append", default=[], help="a bf16 model folder, or synth:qwen-7b / synth:glm3-6b")
+    d.add_argument("--quality", type=Path, help="a real-weights model folder (SmolLM2) for the int8 quality numbers")
+    d.add_argument("--threads", type=int, default=torch.get_num_threads())
+    d.add_argument("--new-tokens", type=int, default=64)
+    d.add_argument("--prefill-tokens", type=int, default=512)
+    d.add_argument("--cache-root", type=Path, default=DEFAULT_CACHE, help="int8 and synth models go here")
+    d.add_argument("--json", type=Path, help="also write the results here")
+    d.set_defaults(run=run_direct)
+    args = p.parse_args(argv)
+    return args.run(args)
+
+
+def run_direct(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    results: dict = {"threads": args.threads, "models": {}}
+    for spec in args.model:
+        src = synth_model(spec.split(":", 1)[1], args.cache_root) if spec.startswith("synth:") else Path(spec)
+        results["models"][spec] = bench_model(src, args)
+        print(json.dumps({spec: results["models"][spec]}, indent=1), flush=True)
+    if args.quality:
+        results["quality"] = quality(args.quality, args.cache_root)
+        print(json.dumps({"quality": results["quality"]}, indent=1), flush=True)
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+# --- speed ---------------------------------------------------------------------------------
+
+
+def bench_model(src: Path, args: argparse.Namespace) -> dict:
+    out: dict = {}
+    int8_dir, made = ensure_int8(src, args.cache_root / "int8", QuantConfig())
+    for kind in ("bfloat16", "int8"):
+        started = time.perf_counter()
+        model = load_int8(int8_dir) if kind == "int8" else AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+        load_s = time.perf_counter() - started
+        r = {"load_s": round(load_s, 2), "weight_bytes_per_token": weight_bytes_per_token(model)}
+        r |= speed(model, args.new_tokens, args.prefill_tokens)
+        # Bandwidth right after the model ran: the same load from the other users of the machine.
+        r["read_GBps"] = round(read_bandwidth() / 1e9, 1)
+        r["bound_tok_s"] = round(r["read_GBps"] * 1e9 / r["weight_bytes_per_token"], 2)
+        r["of_bound"] = round(r["decode_tok_s"] / r["bound_tok_s"], 3)
+        out[kind] = r
+        del model
+        gc.collect()
+    out["int8_vs_bf16_decode"] = round(out["int8"]["decode_tok_s"] / out["bfloat16"]["decode_tok_s"], 2)
+    out["int8_vs_bf16_prefill_time"] = round(out["int8"]["prefill_s"] / out["bfloat16"]["prefill_s"], 2)
+    out["int8_dir"], out["quantized_now"] = str(int8_dir), made
+    return out
+
+
+@torch.inference_mode()
+def speed(model: PreTrainedModel, new_tokens: int, prefill_tokens: int) -> dict:
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, vocab, (16,), generator=g).tolist()
+    greedy = Sampling(max_new_tokens=new_tokens, temperature=0)  # no stop ids: EOS ignored
+    for _ in generate(model, prompt, Sampling(max_new_tokens=2, temperature=0)):
+        pass  # warm-up: oneDNN primitive creation, first-touch of weights
+    stamps = [time.perf_counter() for _ in generate(model, prompt, greedy)]
+    decode_tok_s = (len(stamps) - 1) / (stamps[-1] - stamps[0])  # after the first token: decode only
+    long = torch.randint(100, vocab, (1, prefill_tokens), generator=g)
+    best = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        model(input_ids=long, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        best = min(best, time.perf_counter() - started)
+    return {"decode_tok_s": round(decode_tok_s, 2), "prefill_s": round(best, 3)}
+
+
+def weight_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of weights one decode step reads: every tensor once, the input embedding only as
+    one row (unless a tied lm_head reads the same table anyway)."""
+    emb = model.get_input_embeddings()
+    emb_ptrs = {t.data_ptr() for t in [*emb.parameters(), *emb.buffers()]}
+    head = model.get_output_embeddings()
+    head_ptrs = {t.data_ptr() for t in [*head.parameters(), *head.buffers()]} if head is not None else set()
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.data_ptr()
+        if ptr in seen or (ptr in emb_ptrs and ptr not in head_ptrs):
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 8) -> float:
+    """Best observed bytes/s of a multi-threaded reduction over a buffer far larger than cache."""
+    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        buf.amax()
+        best = min(best, time.perf_counter() - started)
+    return buf.numel() * 4 / best
+
+
+def synth_model(kind: str, cache_root: Path) -> Path:
+    """A random bf16 checkpoint in the native transformers layout with the real shapes,
+    written tensor by tensor (a 7B model is never in memory whole)."""
+    from safetensors.torch import save_file
+
+    from launch.quantize import _empty_model
+
+    if kind not in SYNTH:
+        raise SystemExit(f"unknown synthetic model {kind!r}; choose from {sorted(SYNTH)}")
+    out = cache_root / "synth" / kind
+    if (out / "done").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.for_model(**SYNTH[kind])
+    config.save_pretrained(out)
+    skeleton = _empty_model(config)
+    g = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    size, n = 0, 0
+    names = [(name, p.shape) for name, p in skeleton.named_parameters()]
+    for i, (name, shape) in enumerate(names):
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16) if "norm" in name else torch.zeros(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        shard[name] = t
+        size += t.numel() * 2
+        if size > (2 << 30) or i == len(names) - 1:
+            n += 1
+            save_file(shard, out / f"model-{n:05d}.safetensors", metadata={"format": "pt"})
+            shard, size = {}, 0
+    (out / "done").write_text("ok\n")
+    return out
+
+
+# --- quality on real weights -----------------------------------------------------------------
+
+QUALITY_PROMPTS_FILE = Path(__file__).resolve().parent.parent / "conf" / "eval" / "seed-en.yaml"
+
+
+@torch.inference_mode()
+def quality(src: Path, cache_root: Path, answer_tokens: int = 64) -> dict:
+    """int8 vs bf16 teacher-forced on bf16's own greedy answers to the English seed questions.
+
+    Both execution paths of the int8 model are scored: the whole sequence in one forward
+    (the prefill kernel) and token by token on a KV cache (the decode kernel). The bf16
+    decode-vs-prefill agreement is the noise floor: bf16 disagrees with itself that often."""
+    from transformers import AutoTokenizer
+
+    from eval.questions import load_question_set
+
+    tok = AutoTokenizer.from_pretrained(src)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    int8_dir, _ = ensure_int8(src, cache_root / "int8", QuantConfig())
+    q8 = load_int8(int8_dir)
+    seqs, answers = [], {}
+    for q in load_question_set(QUALITY_PROMPTS_FILE).questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, return_dict=True)["input_ids"]
+        greedy = Sampling(max_new_tokens=answer_tokens, temperature=0)
+        bf = list(generate(ref, ids, greedy))
+        i8 = list(generate(q8, ids, greedy))
+        answers[q.id] = {"bf16": tok.decode(bf), "int8": tok.decode(i8), "same": bf == i8}
+        seqs.append((torch.tensor([ids + bf]), len(ids)))
+
+    def whole(m):
+        return lambda s: m(input_ids=s).logits[0].float()
+
+    def stepwise(m):
+        def run(s):
+            cache = DynamicCache(config=m.config)
+            return torch.cat([m(input_ids=s[:, i : i + 1], past_key_values=cache, use_cache=True).logits[0].float()
+                              for i in range(s.shape[1])])
+        return run
+
+    reference = [whole(ref)(s) for s, _ in seqs]
+    return {
+        "tokens": sum(s.shape[1] - p for s, p in seqs),
+        "int8_prefill_path": agreement(reference, seqs, whole(q8)),
+        "int8_decode_path": agreement(reference, seqs, stepwise(q8)),
+        "bf16_decode_path_noise_floor": agreement(reference, seqs, stepwise(ref)),
+        "greedy_answers_identical": f"{sum(a['same'] for a in answers.values())}/{len(answers)}",
+        "answers": answers,
+    }
+
+
+def agreement(reference: list[torch.Tensor], seqs: list, logits_of: Callable) -> dict:
+    """Top-1 agreement and mean KL(bf16 || candidate) over the answer positions."""
+    agree = n = 0
+    kl = 0.0
+    for ref_logits, (s, prompt_len) in zip(reference, seqs):
+        a, b = ref_logits[prompt_len - 1 : -1], logits_of(s)[prompt_len - 1 : -1]
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+        kl += float(F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum"))
+    return {"top1": round(agree / n, 4), "mean_kl": round(kl / n, 5)}
+
+
+def print_table(results: dict) -> None:
+    print(f"\nthreads {results['threads']}")
+    print("| model | dtype | weights GB/token | decode tok/s | bound tok/s (read GB/s) | of bound | prefill 512 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for spec, r in results["models"].items():
+        for kind in ("bfloat16", "int8"):
+            x = r[kind]
+            print(f"| {spec} | {kind} | {x['weight_bytes_per_token'] / 1e9:.2f} | {x['decode_tok_s']} | "
+                  f"{x['bound_tok_s']} ({x['read_GBps']}) | {x['of_bound']:.0%} | {x['prefill_s']} |")
+        print(f"| {spec} | int8/bf16 | | {r['int8_vs_bf16_decode']}x | | | {r['int8_vs_bf16_prefill_time']}x time |")
+    if "quality" in results:
+        q = results["quality"]
+        print(f"\nquality over {q['tokens']} answer tokens: int8 prefill path {q['int8_prefill_path']}, "
+              f"int8 decode path {q['int8_decode_path']}, bf16 noise floor {q['bf16_decode_path_noise_floor']}, "
+              f"greedy answers identical {q['greedy_answers_identical']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
