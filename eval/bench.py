@@ -2,6 +2,7 @@
 
     python -m eval.bench direct --model DIR|synth:qwen-7b|synth:glm3-6b [--model ...]
                                 [--quality SMOLLM2_DIR] [--threads N] [--json OUT]
+    python -m eval.bench gateway [--concurrency 16] [--duration 60]     (eval/bench_gateway.py)
 
 For each model, bf16 then int8 (launch.quantize, cached): decode tokens/s of one stream
 (64 new tokens after a short prompt, EOS ignored), the time of a 512-token prefill, and the
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from eval import bench_gateway
 from launch.generate import Sampling, generate
 from launch.quantize import QuantConfig, ensure_int8, load_int8
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--cache-root", type=Path, default=DEFAULT_CACHE, help="int8 and synth models go here")
     d.add_argument("--json", type=Path, help="also write the results here")
     d.set_defaults(run=run_direct)
+    bench_gateway.add_parser(sub)
     args = p.parse_args(argv)
     return args.run(args)
 

@@ -26,7 +26,8 @@ def edit(path, **changes):
 
 def test_shipped_conf_loads():
     d = config.load(ROOT / "conf", "demo")
-    assert [m.name for m in d.models] == ["smollm2-135m"]
+    assert [m.name for m in d.models] == ["smollm2-135m", "smollm2-135m-int8"]
+    assert [m.quant for m in d.models] == ["none", "int8"]
     assert d.stack.api.port == 8000 and d.stack.web.port == 7860
     assert d.stack.controller.host == "127.0.0.1"  # unauthenticated: loopback only by default
     assert d.profile_config.questions == "seed-en"
