@@ -10,6 +10,7 @@ interrupted run leaves nothing half-written and a second run converts nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 import tempfile
@@ -76,10 +77,12 @@ def _convert_original(model: ModelConfig, source: OriginalSource, cache_dir: Pat
 
     from launch.convert import MODULES, ConversionError, SourceError
 
-    src = (source.path or cache_dir / "sources" / source.kind).expanduser()
+    src = (source.path or cache_dir / "sources" / source.kind).expanduser().resolve()
+    # One conversion per source folder, shared by the models made from it (bf16 and int8, say);
+    # the converter itself checks the folder's content and publishes its output atomically.
+    out = cache_dir / "models" / source.kind / f"native-{hashlib.sha256(str(src).encode()).hexdigest()[:8]}"
     try:
-        # The converter caches by the source's content and publishes its output atomically.
-        return importlib.import_module(MODULES[source.kind]).convert(src, cache_dir / "models" / model.name / "native")
+        return importlib.import_module(MODULES[source.kind]).convert(src, out)
     except (SourceError, ConversionError) as e:
         raise PrepareError(f"model '{model.name}': {e}") from None
 

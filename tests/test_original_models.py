@@ -93,5 +93,5 @@ def test_qwen_prompts_beyond_8192_tokens_are_refused_with_both_numbers(client):
 
 def test_converted_folders_live_in_the_model_cache(stack):
     cache = Path(stack.settings["model_cache_dir"])
-    for name in ("glm-tiny", "qwen-tiny"):
-        assert any((cache / "models" / name / "native").glob("*.safetensors"))
+    for kind in ("chatglm3-6b", "qwen-7b-chat"):  # one folder per source: plain and -stop each
+        assert len(list((cache / "models" / kind).glob("native-*/*.safetensors"))) == 2
