@@ -52,8 +52,9 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
     python = sys.executable
     env = {
         "PYTHONUNBUFFERED": "1",
-        # FastChat writes its own log files into LOGDIR (default: the working directory).
-        "LOGDIR": str(stack.run_dir / "logs" / "fastchat"),
+        # FastChat would copy each process's output into its own log files (a new one per worker
+        # start) in the working directory; supervisor's logs hold it already. Empty: none.
+        "LOGDIR": "",
         # Offline by design: never reach for a model hub or phone home.
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -112,7 +113,9 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
             [python, "-m", "launch.web_server", "--conf", str(conf_dir), "--profile", deployment.profile,
              "--controller-url", controller, "--host", stack.web.host, "--port", str(stack.web.port)],
             # The UI reads title, logins and model descriptions from conf/ at start: a change restarts it.
-            env | {"LLMD_CONF_DIGEST": _digest(_web_inputs(deployment))}, priority=40,
+            # Its LOGDIR keeps FastChat's conversation and vote logs.
+            env | {"LLMD_CONF_DIGEST": _digest(_web_inputs(deployment)),
+                   "LOGDIR": str(stack.run_dir / "logs" / "fastchat")}, priority=40,
         )
     )
     return out
