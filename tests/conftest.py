@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
@@ -102,6 +103,15 @@ class Stack:
     @property
     def models(self) -> list[str]:
         return yaml.safe_load((self.conf / "profiles" / f"{self.profile}.yaml").read_text())["models"]
+
+    @contextlib.contextmanager
+    def running(self):
+        """Up for the block, then down, whether `up` or the block failed."""
+        try:
+            self.up()
+            yield self
+        finally:
+            self.deploy("down", check=False)
 
     def supervisor(self):
         from deploy.supervisor import Supervisor

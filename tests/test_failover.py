@@ -35,11 +35,8 @@ def stack(tmp_path_factory):
               NO_QUEUE: base | {"name": NO_QUEUE, "queue_size": 0, "threads": 1}}
     s = Stack(make_conf(tmp, models=models, profile={"models": [MODEL, NO_QUEUE]},
                         controller={"secret_file": str(tmp / "secret")}), "test")
-    try:
-        s.up()
+    with s.running():
         yield s
-    finally:
-        s.deploy("down", check=False)
 
 
 @pytest.fixture(scope="module")

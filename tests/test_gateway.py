@@ -22,11 +22,8 @@ def stack(tmp_path_factory):
     (tmp / "api-keys").write_text(f"# one key per line\n{KEY}\n")
     s = Stack(make_conf(tmp, api={"keys_file": str(tmp / "api-keys")}, profile={"models": [MODEL]}), "test")
     s.env["LLMD_API_KEYS"] = "sk-from-env"
-    try:
-        s.up()
+    with s.running():
         yield s
-    finally:
-        s.deploy("down", check=False)
 
 
 def post(stack, path, body=None, key=KEY, **kw):

@@ -52,11 +52,8 @@ def stack(tmp_path_factory):
         models[name] = {"name": name, "source": {"kind": kind, "path": str(tmp / folder)}, "template": template,
                         "threads": 1}
     s = Stack(make_conf(tmp, models=models, profile={"models": list(models)}, model_cache_dir=str(tmp / "cache")), "test")
-    try:
-        s.up()
+    with s.running():
         yield s
-    finally:
-        s.deploy("down", check=False)
 
 
 @pytest.fixture(scope="module")

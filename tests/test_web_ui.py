@@ -31,11 +31,8 @@ def stack(tmp_path_factory):
     conf = make_conf(tmp, models={"smollm2-135m-f32": F32}, profile={"models": ["smollm2-135m", "smollm2-135m-f32"]},
                      web={"users_file": str(users), "title": "Acme LLMs"})
     s = Stack(conf, "test")
-    try:
-        s.up()
+    with s.running():
         yield s
-    finally:
-        s.deploy("down", check=False)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Literal, Protocol
 
@@ -40,3 +41,13 @@ def normalize(text: str) -> str:
     """NFKC folds full-width punctuation and letters (，（Ａ）) onto ASCII so one regex covers
     both the zh and en spellings a model may use."""
     return unicodedata.normalize("NFKC", text)
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Validator body for regex lists in question sets: each must compile once normalized."""
+    for p in patterns:
+        try:
+            re.compile(normalize(p))
+        except re.error as e:
+            raise ValueError(f"invalid regex {p!r}: {e}") from None
+    return patterns

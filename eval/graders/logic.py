@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import Verdict, normalize
+from .base import Verdict, check_patterns, normalize
 
 Seat = int | Literal["leftmost", "rightmost", "middle"]
 Reading = Literal["standard", "mirrored"]
@@ -98,12 +98,7 @@ class LogicSpec(BaseModel):
     @field_validator("impossible_patterns", "mirrored_reading_patterns", "name_intro_patterns")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            try:
-                re.compile(normalize(p))
-            except re.error as e:
-                raise ValueError(f"invalid regex {p!r}: {e}") from None
-        return patterns
+        return check_patterns(patterns)
 
     @model_validator(mode="after")
     def _known_people(self) -> LogicSpec:

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import Verdict, normalize, status_for
+from .base import Verdict, check_patterns, normalize, status_for
 
 
 class RubricItem(BaseModel):
@@ -24,12 +24,7 @@ class RubricItem(BaseModel):
     @field_validator("any")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            try:
-                re.compile(normalize(p))
-            except re.error as e:
-                raise ValueError(f"invalid regex {p!r}: {e}") from None
-        return patterns
+        return check_patterns(patterns)
 
     def hits(self, text: str) -> str | None:
         """The first matching snippet, so the report can show why an item was credited."""
