@@ -149,7 +149,8 @@ class ModelWorker(BaseModelWorker):
         stops = _stop_strings(params.get("stop"))
         prefix = prompt if params.get("echo", True) else ""
         new_ids: list[int] = []
-        text, finish = "", "length"
+        text, finish, searched = "", "length", 0
+        longest_stop = max(map(len, stops), default=1)
         for token in generate(self.model, prompt_ids, sampling):
             new_ids.append(token)
             if token in sampling.stop_token_ids:
@@ -158,7 +159,10 @@ class ModelWorker(BaseModelWorker):
             text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
             if self._reply:
                 text = self._reply(text)
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            # Only the new text (and what a stop string could span into it) needs searching.
+            start = max(0, searched - longest_stop + 1)
+            cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+            searched = len(text)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
                 break
