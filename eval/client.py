@@ -6,16 +6,21 @@ Speed comes from the stream itself: time to first token (first non-empty content
 time, completion tokens, tokens/s (completion tokens over total time, what a user waits for) and
 finish_reason. Token counts come from the stream's usage field when the server sends one
 (OpenAI, vLLM); FastChat does not, so its own tokenizer is asked through the gateway's
-/api/v1/token_check, and only if that fails too is the count estimated from the stream.
+/api/v1/token_check (with the same API key as the OpenAI client: with keys on, the gateway
+guards /api/v1/* too), and only if that fails too is the count estimated from the stream.
 A failed request never raises: it comes back as a record with `error` set.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import openai
@@ -24,6 +29,15 @@ from openai import OpenAI
 from .questions import Question
 from .runlog import AnswerRecord
 
+KEYS_ENV = "LLMD_API_KEYS"  # the gateway's keys, comma-separated (as launch/api_keys.py reads them)
+
+
+def default_api_key() -> str:
+    """The first key of $LLMD_API_KEYS, the variable `make up` takes the gateway's keys from,
+    else "none" (with keys off the gateway accepts anything)."""
+    keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    return keys[0] if keys else "none"
+
 
 def make_client(base_url: str, api_key: str, timeout: float) -> OpenAI:
     # No automatic retries: a retried 512-token generation doubles the wait and hides the
@@ -31,22 +45,37 @@ def make_client(base_url: str, api_key: str, timeout: float) -> OpenAI:
     return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
 
 
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 class TokenCounter:
     """Counts completion tokens with the serving model's own tokenizer via FastChat's
-    /api/v1/token_check (not part of the OpenAI API, so it may be absent)."""
+    /api/v1/token_check (not part of the OpenAI API, so it may be absent).
 
-    def __init__(self, base_url: str, timeout: float = 30.0):
+    It sends `Authorization: Bearer API_KEY` like the OpenAI client does. Where the route is
+    missing (404/405) or the key is refused (401/403) it stops asking; a refusal is reported
+    once through `warn`, since the fallback (chunk counts) understates tokens/s."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0,
+                 warn: Callable[[str], None] = _warn):
         root = base_url.rstrip("/")
         root = root.removesuffix("/v1")
         self.url = root + "/api/v1/token_check"
+        self.api_key = api_key
         self.timeout = timeout
         self.available = True
+        self._warn = warn
+        self._lock = threading.Lock()
 
     def count(self, model: str, text: str) -> int | None:
         if not self.available or not text:
             return 0 if not text else None
         body = json.dumps({"prompts": [{"model": model, "prompt": text, "max_tokens": 0}]}).encode()
-        req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, body, headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 data = json.load(resp)
@@ -54,9 +83,20 @@ class TokenCounter:
         except urllib.error.HTTPError as e:
             if e.code in (404, 405):
                 self.available = False  # not FastChat: stop asking
+            elif e.code in (401, 403):
+                self._disable(f"warning: {self.url} refused the API key (HTTP {e.code}); completion tokens "
+                              f"are counted from stream chunks instead, which understates tokens/s. "
+                              f"Pass the gateway's key with --api-key or $LLMD_API_KEYS.")
             return None
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             return None
+
+    def _disable(self, msg: str) -> None:
+        with self._lock:  # answers are counted from several threads: one warning only
+            if not self.available:
+                return
+            self.available = False
+        self._warn(msg)
 
 
 def ask(

@@ -29,7 +29,7 @@ import openai
 import yaml
 from tqdm import tqdm
 
-from .client import TokenCounter, ask, list_models, make_client
+from .client import TokenCounter, ask, default_api_key, list_models, make_client
 from .graders import Verdict, build_grader
 from .graders.judge import JudgeRecord, PairwiseJudge, answers_sha
 from .questions import QuestionSet, QuestionSetError, load_question_set
@@ -87,8 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--judge-base-url", metavar="URL", help="OpenAI-compatible base URL of the judge (default: --base-url)")
     p.add_argument("--base-url", default=os.environ.get("EVAL_BASE_URL", DEFAULT_BASE_URL), metavar="URL",
                    help=f"OpenAI-compatible gateway (default {DEFAULT_BASE_URL})")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"), metavar="KEY",
-                   help="API key for the gateway and judge (default $OPENAI_API_KEY or EMPTY)")
+    p.add_argument("--api-key", default=default_api_key(), metavar="KEY",
+                   help="API key for the gateway (OpenAI API and token counting) and the judge "
+                        "(default: the first key of $LLMD_API_KEYS, else none)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="seconds to wait for the next streamed data before giving up on an answer (default 600)")
     args = p.parse_args(argv)
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
 
     if n_todo:
         check_models(gateway(), info.base_url, [m for m, qsx in todo.items() if qsx])
-        interrupted = ask_all(gateway(), TokenCounter(info.base_url), info, todo, run_dir, args)
+        counter = TokenCounter(info.base_url, args.api_key, warn=lambda msg: tqdm.write(msg, file=sys.stderr))
+        interrupted = ask_all(gateway(), counter, info, todo, run_dir, args)
         records, _ = read_jsonl(run_dir / ANSWERS, AnswerRecord)
         latest = latest_answers(records)
         if interrupted:
