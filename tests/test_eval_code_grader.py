@@ -17,6 +17,7 @@ import pytest
 
 from eval.graders import build_grader
 from eval.graders import code as code_mod
+from eval.graders import sandbox as sandbox_mod
 from eval.graders.code import (
     CodeGrader,
     CodeSpec,
@@ -245,7 +246,7 @@ def stray_processes() -> list[str]:
     or a process running a compiled `prog` (a killed one may linger a moment as a zombie of
     the host's init: that one is dead)."""
     mine = {p.pid for p in psutil.Process().children(recursive=True)}
-    sandbox = range(code_mod.SANDBOX_UID_BASE, code_mod.SANDBOX_UID_BASE + code_mod.SANDBOX_SLOTS)
+    sandbox = range(sandbox_mod.SANDBOX_UID_BASE, sandbox_mod.SANDBOX_UID_BASE + sandbox_mod.SANDBOX_SLOTS)
     out = []
     for p in psutil.process_iter(["pid", "name", "uids", "cmdline", "status", "ppid"]):
         info = p.info
@@ -264,9 +265,9 @@ def sandbox_variant(request, monkeypatch):
     namespace ("no-userns") or unshare altogether ("no-unshare") is not permitted."""
     variant = getattr(request, "param", "full")
     if variant == "full":
-        yield code_mod._SANDBOX
+        yield sandbox_mod.SANDBOX
         return
-    real = code_mod.shutil.which("unshare")
+    real = sandbox_mod.shutil.which("unshare")
     fake_dir = tempfile.mkdtemp(prefix="fake-unshare-")
     fake = os.path.join(fake_dir, "unshare")
     with open(fake, "w") as f:
@@ -277,15 +278,15 @@ def sandbox_variant(request, monkeypatch):
             f.write('#!/bin/sh\necho "unshare: unshare failed: Operation not permitted" >&2\nexit 1\n')
     os.chmod(fake, 0o755)
     os.chmod(fake_dir, 0o755)
-    box = code_mod._Sandbox(unshare=fake)
-    monkeypatch.setattr(code_mod, "_SANDBOX", box)
+    box = sandbox_mod.Sandbox(unshare=fake)
+    monkeypatch.setattr(code_mod, "SANDBOX", box)
     yield box
-    code_mod.shutil.rmtree(fake_dir, ignore_errors=True)
+    sandbox_mod.shutil.rmtree(fake_dir, ignore_errors=True)
 
 
 def test_sandbox_is_fully_isolated_here():
-    mode = code_mod._SANDBOX.mode()
-    assert mode.ns == code_mod.FULL_ISOLATION and mode.note == "", mode
+    mode = sandbox_mod.SANDBOX.mode()
+    assert mode.ns == sandbox_mod.FULL_ISOLATION and mode.note == "", mode
 
 
 VARIANTS = ["full", "no-userns", "no-unshare"]
@@ -322,7 +323,7 @@ def test_detached_child_does_not_hold_the_grade_or_survive_it(sandbox_variant):
     assert (v.status, v.score) == ("pass", 1.0), v
     assert took < 15, f"grading took {took:.1f}s"
     assert set(stray_processes()) - before == set()
-    if mode.ns == code_mod.FULL_ISOLATION:
+    if mode.ns == sandbox_mod.FULL_ISOLATION:
         assert v.reason == "2/2 hidden cases pass"
     else:
         assert "sandbox degraded" in v.reason and "is not permitted here" in v.reason, v.reason
