@@ -80,6 +80,9 @@ def ensure_int8(src_dir: Path, cache_root: Path, config: QuantConfig = QuantConf
     return out, True
 
 
+IGNORED = {"conversion.json"}  # launch.convert.MARKER
+
+
 def cache_key(src_dir: Path, config: QuantConfig = QuantConfig()) -> str:
     """A 16-hex-digit key of the source folder's content, the QuantConfig and the format.
 
@@ -88,7 +91,9 @@ def cache_key(src_dir: Path, config: QuantConfig = QuantConfig()) -> str:
     start would cost longer than loading the int8 model, and a re-conversion that changes
     weights changes the sampled blocks."""
     src_dir = Path(src_dir)
-    files = sorted(p for p in src_dir.rglob("*") if p.is_file())
+    # The converter's record of its own source (file names, sizes, times) is not content:
+    # re-fetching identical originals must not make the int8 copy look stale.
+    files = sorted(p for p in src_dir.rglob("*") if p.is_file() and p.name not in IGNORED)
     if not any(p.suffix == ".safetensors" for p in files):
         raise QuantizeError(f"{src_dir}: no *.safetensors files; convert the model to safetensors first")
     h = hashlib.sha256(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(config)}).encode())

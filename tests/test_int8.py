@@ -143,3 +143,16 @@ def test_smollm2_int8_close_to_bf16(tmp_path):
     assert err < SMOLLM2_REL_TOL, f"int8 logits {err:.4f} from bf16"
     greedy = Sampling(max_new_tokens=4, temperature=0)
     assert tok.decode(list(generate(q8, ids, greedy))).strip().startswith("Berlin")
+
+
+def test_the_converters_own_record_does_not_change_the_key(tiny):
+    before = cache_key(tiny)
+    generation = (tiny / "generation_config.json").read_text()
+    (tiny / "conversion.json").write_text('{"source": {"mtime": 1}}')
+    try:
+        assert cache_key(tiny) == before
+        (tiny / "generation_config.json").write_text(generation + " ")
+        assert cache_key(tiny) != before  # while real content still counts
+    finally:
+        (tiny / "conversion.json").unlink()
+        (tiny / "generation_config.json").write_text(generation)
