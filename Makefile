@@ -1,5 +1,9 @@
 # llm-deployment: `make up` and `make test` are all a fresh machine needs.
 PROFILE ?= demo
+# Several hosts (docs/multi-host.md): ROLE=head on one, ROLE=worker CONTROLLER=http://HEAD:21001
+# MODELS=a,b on the others. MODELS= (empty) on a head: no local workers.
+ROLE    ?= all
+CONTROLLER ?=
 CONF    ?= conf
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -10,16 +14,20 @@ STAMP   := $(VENV)/.installed
 # Elsewhere: make up TORCH_INDEX=https://download.pytorch.org/whl/cpu (else pip takes CUDA's).
 TORCH_INDEX ?=
 
-.PHONY: up down status logs test install clean
+.PHONY: up down status logs drain test install clean
 
 up: $(STAMP)           ## prepare the profile's models, start or update the stack, wait until it serves
-	$(DEPLOY) up --profile $(PROFILE)
+	$(DEPLOY) up --profile $(PROFILE) --role $(ROLE) $(if $(CONTROLLER),--controller $(CONTROLLER)) \
+	  $(if $(filter undefined,$(origin MODELS)),,--models "$(MODELS)")
 
 down: $(STAMP)         ## stop every process of the stack
 	$(DEPLOY) down
 
 status: $(STAMP)       ## processes, registered models, URLs
 	$(DEPLOY) status
+
+drain: $(STAMP)        ## this host's workers leave the dispatch, finish their requests, stop
+	$(DEPLOY) drain
 
 logs: $(STAMP)         ## last lines of every log; PROGRAM=worker-NAME for one, FOLLOW=1 to follow
 	$(DEPLOY) logs $(PROGRAM) $(if $(FOLLOW),-f)

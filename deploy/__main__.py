@@ -1,7 +1,7 @@
-"""Run the stack under supervisor: up, down, status, logs (what the Makefile calls).
+"""Run the stack under supervisor: up, down, status, logs, drain (what the Makefile calls).
 
-    python -m deploy [--conf conf] up [--profile demo]
-    python -m deploy [--conf conf] down | status | logs [PROGRAM] [-n 40] [-f]
+    python -m deploy [--conf conf] up [--profile demo] [--role all|head|worker] [--controller URL] [--models a,b]
+    python -m deploy [--conf conf] down | status | drain | logs [PROGRAM] [-n 40] [-f]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from deploy.supervisor import Supervisor, SupervisorError
 from launch import config
 from launch.api_keys import load_keys
 from launch.config import ConfigError, Deployment
+from launch.peer_guard import secret_headers
 from launch.prepare import PrepareError, prepare
 
 
@@ -45,9 +46,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     c = sub.add_parser("up", help="prepare models, start or update the stack, wait until it serves")
     c.add_argument("--profile", default=config.DEFAULT_PROFILE, help="conf/profiles/NAME.yaml (default: demo)")
+    c.add_argument("--role", default="all", help="all (default): everything here; head: controller, gateway, UI "
+                   "(and --models' workers); worker: --models' workers for the head at --controller")
+    c.add_argument("--controller", help="ROLE=worker: the head's controller, http://HEAD:PORT")
+    c.add_argument("--models", type=lambda v: [m for m in v.split(",") if m],
+                   help="comma-separated models with workers on this host (default: the profile's; '' for none on a head)")
     c.set_defaults(run=up)
     sub.add_parser("down", help="stop every process of the stack").set_defaults(run=down)
     sub.add_parser("status", help="processes, registered models and URLs").set_defaults(run=status)
+    c = sub.add_parser("drain", help="this host's workers: leave the dispatch, finish their requests, stop")
+    c.add_argument("--timeout", type=float, default=600, help="seconds to wait for running requests (default 600)")
+    c.set_defaults(run=drain)
     c = sub.add_parser("logs", help="the last lines of each process's log")
     c.add_argument("program", nargs="?", help="one program, e.g. worker-smollm2-135m")
     c.add_argument("-n", "--lines", type=int, default=40)
@@ -57,13 +66,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def up(args: argparse.Namespace) -> int:
-    deployment = config.load(args.conf, args.profile)
+    deployment = config.load(args.conf, args.profile, args.role, args.controller, args.models)
     stack = deployment.stack
     sup = Supervisor(stack.run_dir)
     names = ", ".join(m.name for m in deployment.models)
-    print(f"profile {deployment.profile}: {names}")
+    local = ", ".join(m.name for m in deployment.local_models) or "none"
+    print(f"profile {deployment.profile}: {names}" if deployment.role == "all" else
+          f"role {deployment.role} (profile {deployment.profile}), workers here: {local}, controller {deployment.controller_url}")
     model_dirs = {}
-    for model in deployment.models:
+    for model in deployment.local_models:
         model_dirs[model.name] = prepare(model, stack.model_cache_dir)
         print(f"  ok  {model.name} prepared in {model_dirs[model.name]}")
     running = _own_processes(sup) if sup.running() else []
@@ -76,6 +87,8 @@ def up(args: argparse.Namespace) -> int:
         changes = sup.update()
         since = time.time()  # update itself stops the programs it restarts
         print(f"supervisord already running: {changes or 'no changes'}")
+        if stopped := sup.start_stopped():
+            print(f"started again (stopped by a drain or by hand): {', '.join(stopped)}")
     else:
         _check_ports_free(deployment)
         _write(sup.conf, text)
@@ -83,17 +96,29 @@ def up(args: argparse.Namespace) -> int:
         sup.start()
         print(f"supervisord started (config {sup.conf})")
     wait(deployment, sup, since)
-    # What is up, for tools that follow (eval.compare picks the profile's question set from it).
+    # What is up, for tools that follow (eval.compare picks the profile's question set from it,
+    # drain the workers of this host).
     _write(stack.run_dir / "deployment.json", json.dumps({
-        "profile": deployment.profile, "conf": str(args.conf.resolve()),
-        "api": f"{stack.api.url}/v1", "web": stack.web.url, "models": [m.name for m in deployment.models],
+        "profile": deployment.profile, "conf": str(args.conf.resolve()), "role": deployment.role,
+        "controller": deployment.controller_url, "api": f"{stack.api.url}/v1", "web": stack.web.url,
+        "models": [m.name for m in deployment.models],
+        "workers": [{"program": w.program, "model": w.model.name, "url": stack.worker_url(w.port)}
+                    for w in deployment.workers()],
     }, indent=2))
+    if deployment.role == "worker":
+        print(f"\nllm-deployment worker host is up: {local} registered with {deployment.controller_url}\n"
+              f"  logs        make logs   ({sup.logs})\n"
+              f"  drain       make drain  (finish running requests, then stop)\n"
+              f"  stop        make down")
+        return 0
     print(
-        f"\nllm-deployment is up (profile {deployment.profile})\n"
+        f"\nllm-deployment is up (profile {deployment.profile}{', head' if deployment.role == 'head' else ''})\n"
         f"  OpenAI API  {stack.api.url}/v1\n"
         f"  web UI      {stack.web.url}\n"
         f"  models      {names}\n"
-        f"  logs        make logs   ({sup.logs})\n"
+        + (f"  controller  {deployment.controller_url} (worker hosts: make up ROLE=worker "
+           f"CONTROLLER={deployment.controller_url} MODELS=...)\n" if deployment.role == "head" else "")
+        + f"  logs        make logs   ({sup.logs})\n"
         f"  stop        make down"
     )
     return 0
@@ -117,13 +142,69 @@ def status(args: argparse.Namespace) -> int:
         return 0
     for p in sup.processes():
         print(f"  {p['name']:<28} {p['statename']:<9} {p['description']}")
+    info = _deployment_info(stack)
+    controller = info.get("controller", stack.controller.url)
     try:
-        models = requests.post(stack.controller.url + "/list_models", timeout=3).json()["models"]
-        print(f"models registered: {', '.join(models) or 'none'}")
+        workers = requests.post(controller + "/list_workers", timeout=3).json()
+        print(f"workers registered at {controller}:" + ("" if workers else " none"))
+        for url, w in sorted(workers.items()):
+            print(f"  {url:<28} {', '.join(w['models'])}  queue {w['queue_length']}")
     except (requests.RequestException, ValueError, KeyError):
-        print("models registered: (controller not answering)")
-    print(f"OpenAI API {stack.api.url}/v1   web UI {stack.web.url}")
+        print(f"workers registered: (controller at {controller} not answering)")
+    if info.get("role") != "worker":
+        print(f"OpenAI API {stack.api.url}/v1   web UI {stack.web.url}")
     return 0
+
+
+def drain(args: argparse.Namespace) -> int:
+    """Take this host's workers out of service without cutting an answer short."""
+    stack = config.load_stack(args.conf)
+    sup = Supervisor(stack.run_dir)
+    if not sup.running():
+        print("the stack is not running: nothing to drain")
+        return 0
+    running = {p["name"] for p in sup.processes() if p["statename"] == "RUNNING"}
+    workers = [w for w in _deployment_info(stack).get("workers", []) if w["program"] in running]
+    if not workers:
+        print("no worker is running on this host: nothing to drain")
+        return 0
+    headers = secret_headers(stack.controller.secret_file)
+    for w in workers:
+        try:
+            r = requests.post(w["url"] + "/drain", headers=headers, timeout=10)
+            r.raise_for_status()
+            print(f"  {w['program']}: left the dispatch; {r.json()['queue_length']} requests to finish")
+        except requests.RequestException as e:
+            print(f"  {w['program']}: not answering ({e}); stopping it")
+    deadline = time.monotonic() + args.timeout
+    pending = list(workers)
+    while pending and time.monotonic() < deadline:
+        pending = [w for w in pending if _queue_length(w["url"]) > 0]
+        if pending:
+            time.sleep(0.5)
+    for w in workers:
+        sup.rpc.stopProcess(w["program"])
+    if pending:
+        print(f"error: still busy after {args.timeout:.0f}s, stopped anyway: {', '.join(w['program'] for w in pending)}",
+              file=sys.stderr)
+        return 1
+    print(f"drained: {', '.join(w['program'] for w in workers)} finished their requests and stopped. "
+          f"`make up` (same ROLE) starts them again; `make down` stops the rest.")
+    return 0
+
+
+def _queue_length(url: str) -> int:
+    try:
+        return int(requests.post(url + "/worker_get_status", timeout=5).json()["queue_length"])
+    except (requests.RequestException, ValueError, KeyError):
+        return 0  # gone: nothing left to wait for
+
+
+def _deployment_info(stack) -> dict:
+    try:
+        return json.loads((stack.run_dir / "deployment.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def logs(args: argparse.Namespace) -> int:
@@ -170,9 +251,10 @@ def _own_processes(sup: Supervisor) -> list[psutil.Process]:
 
 def _check_ports_free(deployment: Deployment) -> None:
     stack = deployment.stack
-    wanted = [("controller.port", stack.controller.host, stack.controller.port),
-              ("api.port", stack.api.host, stack.api.port),
-              ("web.port", stack.web.host, stack.web.port)]
+    wanted = [] if deployment.role == "worker" else [
+        ("controller.port", stack.controller.host, stack.controller.port),
+        ("api.port", stack.api.host, stack.api.port),
+        ("web.port", stack.web.host, stack.web.port)]
     wanted += [(f"worker_port (+{w.port - stack.worker_port}, {w.program})", stack.worker_host, w.port)
                for w in deployment.workers()]
     for key, host, port in wanted:

@@ -1,7 +1,8 @@
 """Wait until the stack really serves, and say which process failed if it does not.
 
-In order: the controller answers, every worker has registered its model, the API server
-lists the models, the web UI answers, and every model generates a token through the API.
+In order: the controller answers, every worker of this host has registered, the API server
+lists the models, the web UI answers, and every local model generates a token through the
+API. A worker host (role worker) has no API or UI: its workers answer a token directly.
 """
 
 from __future__ import annotations
@@ -46,19 +47,19 @@ def wait(deployment: Deployment, sup: Supervisor, since: float, say: Callable[[s
 
 def checks(deployment: Deployment) -> list[Check]:
     stack = deployment.stack
-    controller, api, web = stack.controller.url, stack.api.url + "/v1", stack.web.url
-    names = [m.name for m in deployment.models]
+    controller, api, web = deployment.controller_url, stack.api.url + "/v1", stack.web.url
+    names = [m.name for m in deployment.local_models]
+    workers = deployment.workers()
     keys = sorted(load_keys(stack.api.keys_file))
     auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
     def controller_up():
         return _missing(lambda: requests.post(controller + "/list_models", timeout=2).json()["models"])
 
-    def registered(name, replicas):
+    def registered(url):
         def probe():
-            workers = requests.post(controller + "/list_workers", timeout=2).json().values()
-            up = sum(name in w["models"] for w in workers)
-            return None if up >= replicas else f"{up} of {replicas} workers registered"
+            listed = requests.post(controller + "/list_workers", timeout=2).json()
+            return None if url in listed else f"{url} not among the {len(listed)} workers registered"
         return lambda: _missing(probe)
 
     def api_lists():
@@ -79,14 +80,32 @@ def checks(deployment: Deployment) -> list[Check]:
             return None if r.status_code == 200 and r.json().get("choices") else f"HTTP {r.status_code}: {r.text[:300]}"
         return lambda: _missing(probe)
 
+    def answers_directly(url):
+        def probe():
+            body = {"prompt": "Hello", "max_new_tokens": 1, "temperature": 0, "echo": False}
+            reply = requests.post(url + "/worker_generate", json=body, timeout=120).json()
+            return None if reply.get("error_code") == 0 else f"error {reply.get('error_code')}: {reply.get('text')}"
+        return lambda: _missing(probe)
+
+    def name(w):
+        return f"model {w.model.name}" + (f" (replica {w.replica})" if w.model.replicas > 1 else "")
+
+    registrations = [Check(w.program, f"{name(w)} registered as {stack.worker_url(w.port)}",
+                           registered(stack.worker_url(w.port))) for w in workers]
+    if deployment.role == "worker":
+        # The head's controller is not this host's program: a failure shows the first worker's log.
+        return [
+            Check(workers[0].program, f"head's controller at {controller}", controller_up),
+            *registrations,
+            *[Check(w.program, f"{name(w)} answers", answers_directly(stack.worker_url(w.port))) for w in workers],
+        ]
     return [
         Check("controller", f"controller at {controller}", controller_up),
-        *[Check(w.program, f"model {w.model.name} registered" + (f" ({w.model.replicas} replicas)" if w.model.replicas > 1 else ""),
-                registered(w.model.name, w.model.replicas)) for w in deployment.workers() if w.replica == 1],
+        *registrations,
         Check("api", f"OpenAI API at {api}", api_lists),
         Check("web", f"web UI at {web}", web_up),
         *[Check(w.program, f"model {w.model.name} answers through the API", answers(w.model.name))
-          for w in deployment.workers() if w.replica == 1],
+          for w in workers if w.replica == 1],
     ]
 
 

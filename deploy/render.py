@@ -66,16 +66,17 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
         # must not linger; the API reads the keys in force from keys_file.
         "LLMD_API_KEYS": "",
     }
-    controller = stack.controller.url
+    controller = deployment.controller_url
     secret = ["--secret-file", str(stack.controller.secret_file)] if stack.controller.secret_file else []
-    out = [
-        Program(
+    advertise = ["--advertise-host", stack.worker_advertise_host] if stack.worker_advertise_host else []
+    out = []
+    if deployment.role != "worker":
+        out.append(Program(
             "controller",
             [python, "-m", "launch.controller", "--host", stack.controller.host,
              "--port", str(stack.controller.port), "--dispatch-method", "shortest_queue", *secret],
             env, priority=10,
-        )
-    ]
+        ))
     for worker in deployment.workers():
         model = worker.model
         threads = deployment.threads(model)
@@ -91,12 +92,15 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
             "--queue-size", str(model.queue_size),
             "--host", stack.worker_host,
             "--port", str(worker.port),
+            *advertise,
             "--controller", controller,
             *secret,
         ]
         if model.context_length:
             argv += ["--context-length", str(model.context_length)]
         out.append(Program(worker.program, argv, env | {"OMP_NUM_THREADS": str(threads)}, priority=20))
+    if deployment.role == "worker":  # the head runs the gateway and the UI
+        return out
     out.append(
         Program(
             "api",
@@ -111,7 +115,7 @@ def programs(deployment: Deployment, model_dirs: dict[str, Path], conf_dir: Path
         Program(
             "web",
             [python, "-m", "launch.web_server", "--conf", str(conf_dir), "--profile", deployment.profile,
-             "--controller-url", controller, "--host", stack.web.host, "--port", str(stack.web.port)],
+             "--models", ",".join(m.name for m in deployment.models), "--controller-url", controller, "--host", stack.web.host, "--port", str(stack.web.port)],
             # The UI reads title, logins and model descriptions from conf/ at start: a change restarts it.
             # Its LOGDIR keeps FastChat's conversation and vote logs.
             env | {"LLMD_CONF_DIGEST": _digest(_web_inputs(deployment)),

@@ -68,6 +68,14 @@ class Supervisor:
             raise SupervisorError(f"supervisorctl update failed:\n{done.stdout}{done.stderr}")
         return done.stdout.strip()
 
+    def start_stopped(self) -> list[str]:
+        """Start the programs stopped on purpose (a drain, supervisorctl stop): `update` leaves
+        unchanged programs as they are. Returns their names."""
+        stopped = [p["name"] for p in self.processes() if p["statename"] == "STOPPED"]
+        for name in stopped:
+            self.rpc.startProcess(name, False)
+        return stopped
+
     def processes(self) -> list[dict]:
         return self.rpc.getAllProcessInfo()
 

@@ -4,14 +4,17 @@
     conf/models/NAME.yaml    one file per model: where it comes from and how it is served
     conf/profiles/NAME.yaml  which models start together
 
-Everything is validated at load; any problem becomes one ConfigError that names the
-file, the key and what is allowed, before a single process starts.
+A host runs in one of three roles (docs/multi-host.md): `all` (everything), `head`
+(controller, gateway, web UI and any local workers) or `worker` (workers that register with
+a head's controller). Everything is validated at load; any problem becomes one ConfigError
+that names the file, the key and what is allowed, before a single process starts.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -20,6 +23,7 @@ from launch.api_keys import KEYS_ENV
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PROFILE = "demo"
+ROLES = ("all", "head", "worker")
 CACHE_ENV = "LLMD_CACHE_DIR"  # overrides stack.model_cache_dir, e.g. to share a cache
 
 
@@ -27,8 +31,12 @@ class ConfigError(Exception):
     """A configuration problem, worded for the person who edits conf/."""
 
 
-def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE) -> Deployment:
-    """Load and validate the stack, the profile and every model the profile starts."""
+def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE, role: str = "all", controller: str | None = None,
+         models: list[str] | None = None) -> Deployment:
+    """Load and validate the stack, the profile and every model this host starts.
+
+    `models` (make's MODELS=) are the models with workers on this host, default the profile's;
+    `controller` (CONTROLLER=) is the head's controller URL, for role `worker` only."""
     conf_dir = Path(conf_dir)
     stack = load_stack(conf_dir)
     if stack.web.users_file is not None:
@@ -49,21 +57,71 @@ def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE) -> Deployment:
     profile_file = conf_dir / "profiles" / f"{profile}.yaml"
     prof = _parse(Profile, profile_file)
 
+    served = [_load_model(conf_dir, name, f"{profile_file}: models[{i}]") for i, name in enumerate(prof.models)]
+    local = served
+    if models is not None:
+        local = [_load_model(conf_dir, name, "MODELS") for name in dict.fromkeys(models)]
+    controller_url = _check_role(stack, conf_dir / "stack.yaml", role, controller, local)
+    if role == "head":  # the gateway and the UI serve the profile's models, wherever their workers run
+        served = served + [m for m in local if m.name not in {s.name for s in served}]
+    else:
+        served = local
+    return Deployment(stack=stack, profile=profile, profile_config=prof, models=served, local_models=local,
+                      role=role, controller_url=controller_url)
+
+
+def _load_model(conf_dir: Path, name: str, where: str) -> ModelConfig:
     known = _names(conf_dir / "models")
-    models = []
-    for i, name in enumerate(prof.models):
-        if name not in known:
+    if name not in known:
+        raise ConfigError(f"{where}: no model '{name}' in {conf_dir / 'models'}; known models: {', '.join(known) or 'none'}")
+    model_file = conf_dir / "models" / f"{name}.yaml"
+    model = _parse(ModelConfig, model_file)
+    if model.name != name:
+        raise ConfigError(f"{model_file}: name: must match the file name '{name}' (got '{model.name}')")
+    _check_template(model, model_file)
+    return model
+
+
+def _check_role(stack: StackConfig, stack_file: Path, role: str, controller: str | None,
+                local: list[ModelConfig]) -> str:
+    """The URL of the controller this host's workers register with, once the role's
+    settings are consistent."""
+    if role not in ROLES:
+        raise ConfigError(f"ROLE: '{role}' is not a role; use one of: {', '.join(ROLES)}")
+    if role == "all" and not local:
+        raise ConfigError("MODELS: empty; ROLE=all needs at least one model (or leave MODELS unset for the profile's)")
+    if role != "worker":
+        if controller:
+            raise ConfigError(f"CONTROLLER: only for ROLE=worker; a {role} host runs its own controller "
+                              f"(controller.host and controller.port in {stack_file})")
+        if role == "head" and _is_loopback(stack.controller.host):
             raise ConfigError(
-                f"{profile_file}: models[{i}]: no model '{name}' in {conf_dir / 'models'}; "
-                f"known models: {', '.join(known) or 'none'}"
-            )
-        model_file = conf_dir / "models" / f"{name}.yaml"
-        model = _parse(ModelConfig, model_file)
-        if model.name != name:
-            raise ConfigError(f"{model_file}: name: must match the file name '{name}' (got '{model.name}')")
-        _check_template(model, model_file)
-        models.append(model)
-    return Deployment(stack=stack, profile=profile, profile_config=prof, models=models)
+                f"{stack_file}: controller.host: {stack.controller.host} cannot be reached by worker hosts; for ROLE=head "
+                f"set it to an address of this host that they reach (and controller.secret_file)")
+        return stack.controller.url
+    if not controller:
+        raise ConfigError("ROLE=worker needs CONTROLLER=http://HEAD:PORT, the head's controller (its controller.host "
+                          "and controller.port)")
+    url = urllib.parse.urlsplit(controller)
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.scheme not in ("http", "https") or not url.hostname or port is None or url.path not in ("", "/"):
+        raise ConfigError(f"CONTROLLER: '{controller}' is not a controller URL; expected http://HOST:PORT")
+    if not local:
+        raise ConfigError("MODELS: a worker host needs at least one model (MODELS=name,name)")
+    if not _is_loopback(url.hostname):
+        if stack.controller.secret_file is None:
+            raise ConfigError(
+                f"{stack_file}: controller.secret_file: required to register with the controller at {controller}; "
+                f"copy the head's secret file to this host and set controller.secret_file")
+        if _is_loopback(stack.advertised_worker_host):
+            raise ConfigError(
+                f"{stack_file}: worker_host: {stack.worker_host} cannot be reached from the head at {controller}; "
+                f"set worker_host (and worker_advertise_host, if it binds 0.0.0.0) to an address of this host "
+                f"that the head reaches")
+    return controller.rstrip("/")
 
 
 def load_stack(conf_dir: str | Path) -> StackConfig:
@@ -108,7 +166,9 @@ class StackConfig(_Strict):
     controller: ControllerEndpoint = ControllerEndpoint(port=21001)
     api: ApiEndpoint = ApiEndpoint(port=8000)
     web: WebEndpoint = WebEndpoint(port=7860)
-    worker_host: str = "127.0.0.1"
+    worker_host: str = Field("127.0.0.1", description="address the workers bind to")
+    worker_advertise_host: str | None = Field(
+        None, description="address the controller reaches this host's workers at; default: worker_host")
     worker_port: Port = Field(21002, description="first worker's port; the i-th worker of a profile gets +i")
     model_cache_dir: Path = Path("~/.cache/llm-deployment")
     run_dir: Path = Path("run")
@@ -135,6 +195,25 @@ class StackConfig(_Strict):
                 "controller": controller,
             }
         )
+
+    @property
+    def advertised_worker_host(self) -> str:
+        return self.worker_advertise_host or self.worker_host
+
+    def worker_url(self, port: int) -> str:
+        """The worker's name at the controller: the address the controller reaches it at."""
+        return f"http://{self.advertised_worker_host}:{port}"
+
+    @model_validator(mode="after")
+    def _advertise_a_reachable_address(self) -> StackConfig:
+        if _is_unspecified(self.worker_host) and not self.worker_advertise_host:
+            raise ValueError(
+                f"worker_host {self.worker_host} binds every address, but the controller needs one to reach the "
+                f"workers at: set worker_advertise_host to this host's address that the head reaches")
+        if self.worker_advertise_host and _is_unspecified(self.worker_advertise_host):
+            raise ValueError(f"worker_advertise_host {self.worker_advertise_host} is no address to reach; "
+                             f"set this host's address that the head reaches")
+        return self
 
     @model_validator(mode="after")
     def _secret_off_loopback(self) -> StackConfig:
@@ -224,16 +303,20 @@ class Profile(_Strict):
 
 
 class Deployment(BaseModel):
-    """What `make up` starts: the stack settings and the models of one profile."""
+    """What `make up` starts on this host: the stack settings, the models the gateway and the
+    UI serve, and the models with workers here."""
 
     stack: StackConfig
     profile: str
     profile_config: Profile
     models: list[ModelConfig]
+    local_models: list[ModelConfig]
+    role: Literal["all", "head", "worker"] = "all"
+    controller_url: str
 
     def workers(self) -> list[Worker]:
-        """One per replica of each model, on consecutive ports from stack.worker_port."""
-        replicas = [(m, r) for m in self.models for r in range(1, m.replicas + 1)]
+        """One per replica of each local model, on consecutive ports from stack.worker_port."""
+        replicas = [(m, r) for m in self.local_models for r in range(1, m.replicas + 1)]
         return [Worker(model=m, replica=r, port=self.stack.worker_port + i) for i, (m, r) in enumerate(replicas)]
 
     def threads(self, model: ModelConfig) -> int:
@@ -248,6 +331,13 @@ class Worker(BaseModel):
     @property
     def program(self) -> str:
         return f"worker-{self.model.name}" + (f"-{self.replica}" if self.model.replicas > 1 else "")
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:

@@ -4,25 +4,29 @@
 
 FastChat's controller lets anyone who reaches it register a worker under any model name
 (CVE-2024-10044) and keeps dispatching to a dead worker until its heartbeat expires (90 s).
-Here a registration or heartbeat must come from loopback or, when a secret file is given,
-carry that secret; and every worker is probed every few seconds, so a dead one leaves the
-dispatch within seconds (supervisor restarts it, and it registers again when ready), and the
-queue lengths the dispatch goes by are at most a probe old.
+Here a registration, heartbeat or deregistration must come from loopback or, when a secret
+file is given, carry that secret (launch/peer_guard.py); every worker, local or on another
+host, is probed every second, so a dead or unreachable one leaves the dispatch within seconds
+(it registers again when it answers), and the queue lengths the dispatch goes by are at most a
+probe old.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
-import ipaddress
+import random
 import threading
 import time
 from pathlib import Path
 
 import requests
+from fastapi import Request
+from fastchat.serve.controller import Controller as FastChatController
+from fastchat.serve.controller import DispatchMethod
 
-SECRET_HEADER = "X-LLMD-Secret"
-GUARDED = {"/register_worker", "/receive_heart_beat"}
+from launch.peer_guard import PeerGuard, read_secret
+
+GUARDED = {"/register_worker", "/receive_heart_beat", "/deregister_worker"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,10 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
     from fastchat.serve import controller as fastchat
 
-    fastchat.controller = fastchat.Controller(args.dispatch_method)
+    fastchat.controller = Controller(args.dispatch_method)
     fastchat.app.add_api_route("/list_workers", lambda: list_workers(fastchat.controller), methods=["POST"])
-    secret = read_secret(args.secret_file)
-    fastchat.app.add_middleware(RegistrationGuard, secret=secret)
+    fastchat.app.add_api_route("/deregister_worker", deregister_worker, methods=["POST"])
+    fastchat.app.add_middleware(PeerGuard, secret=read_secret(args.secret_file), paths=GUARDED, what="registration")
     threading.Thread(target=probe_forever, args=(fastchat.controller, args.probe_interval), daemon=True).start()
     uvicorn.run(fastchat.app, host=args.host, port=args.port, log_level="info")
 
@@ -48,39 +52,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_secret(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    secret = path.read_text().strip().encode()
-    if len(secret) < 16:
-        raise SystemExit(f"{path}: the registration secret must have at least 16 characters")
-    return secret
+class Controller(FastChatController):
+    """FastChat's, except that shortest-queue dispatch breaks ties at random. FastChat takes the
+    first worker registered, so requests that each end before the next one starts would all go
+    to one replica (queue lengths are all 0 then), however many hosts serve the model."""
+
+    def get_worker_address(self, model_name: str) -> str:
+        if self.dispatch_method != DispatchMethod.SHORTEST_QUEUE:
+            return super().get_worker_address(model_name)
+        loads = {name: info.queue_length / info.speed for name, info in list(self.worker_info.items())
+                 if model_name in info.model_names}
+        if not loads:
+            return ""
+        least = min(loads.values())
+        name = random.choice([n for n, load in loads.items() if load == least])
+        self.worker_info[name].queue_length += 1
+        return name
 
 
-class RegistrationGuard:
-    """ASGI middleware: who may register workers and send their heartbeats."""
+async def deregister_worker(request: Request) -> dict:
+    """A draining worker leaves the dispatch at once (FastChat has no route for it)."""
+    from fastchat.serve import controller as fastchat
 
-    def __init__(self, app, secret: bytes | None):
-        self.app, self.secret = app, secret
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] in GUARDED and not self._allowed(scope):
-            from fastapi.responses import JSONResponse
-
-            peer = (scope.get("client") or ("?",))[0]
-            why = "a wrong or missing registration secret" if self.secret else "a non-loopback peer"
-            response = JSONResponse({"error": f"registration refused: {why} ({peer})"}, status_code=403)
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-    def _allowed(self, scope) -> bool:
-        if self.secret is None:
-            try:
-                return ipaddress.ip_address((scope.get("client") or ("",))[0]).is_loopback
-            except ValueError:
-                return False
-        given = dict(scope["headers"]).get(SECRET_HEADER.lower().encode(), b"")
-        return hmac.compare_digest(given, self.secret)
+    name = (await request.json()).get("worker_name")
+    removed = fastchat.controller.worker_info.pop(name, None) is not None
+    if removed:
+        print(f"worker {name} deregistered (draining)", flush=True)
+    return {"removed": removed}
 
 
 def probe_forever(controller, interval: float) -> None:

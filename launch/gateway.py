@@ -9,6 +9,7 @@ without a key (FastChat issue 2518) and turns a missing worker into a 500 with a
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -162,6 +163,12 @@ async def get_worker_address(model_name: str) -> str:
 _fastchat_stream = server.generate_completion_stream
 _fastchat_generate = server.generate_completion
 RETRYABLE = {ErrorCode.ENGINE_OVERLOADED, ErrorCode.CONTROLLER_NO_WORKER}
+# Seconds without a chunk from a worker before asking the controller whether it still has it.
+WATCH_INTERVAL = 3.0
+
+
+class WorkerLost(ConnectionError):
+    """The controller dropped the worker we wait for: it stopped answering its probes."""
 
 
 async def generate_completion_stream(payload: dict, worker_addr: str):
@@ -186,9 +193,11 @@ async def _with_failover(payload: dict, worker_addr: str):
     for attempt in (1, 2):
         started = False
         try:
-            async for chunk in _fastchat_stream(payload, worker_addr):
+            async for chunk in _watched(_fastchat_stream(payload, worker_addr), worker_addr):
                 if not started and attempt == 1 and chunk.get("error_code") in RETRYABLE:
                     break
+                if not started:
+                    metrics.WORKER_REQUESTS.labels(worker_addr).inc()
                 started = True
                 yield chunk
             else:
@@ -210,10 +219,11 @@ async def generate_completion(payload: dict, worker_addr: str) -> dict:
     """FastChat's one-shot generation, retried once on another replica like the stream."""
     for attempt in (1, 2):
         try:
-            content = await _fastchat_generate(payload, worker_addr)
+            content = await _until_lost(_fastchat_generate(payload, worker_addr), worker_addr)
             if isinstance(content, (bytes, str)):  # fetch_remote's way of saying HTTP != 200
                 content = json.loads(content)
             if content.get("error_code") not in RETRYABLE or attempt == 2:
+                metrics.WORKER_REQUESTS.labels(worker_addr).inc()
                 metrics.TOKENS.labels(payload["model"]).inc((content.get("usage") or {}).get("completion_tokens", 0))
                 return content
         except (aiohttp.ClientError, OSError) as e:
@@ -223,6 +233,40 @@ async def generate_completion(payload: dict, worker_addr: str) -> dict:
         worker_addr = await _another_worker(payload["model"], worker_addr)
     return {"text": f"no worker of model '{payload['model']}' could answer; try again shortly",
             "error_code": ErrorCode.CONTROLLER_NO_WORKER}
+
+
+async def _watched(chunks, worker_addr: str):
+    """A worker's chunks, or WorkerLost once the controller has dropped that worker while we
+    wait. A cut network link or a frozen host sends no reset: without this, a request would
+    hang until FastChat's 100 s timeout (and its client longer)."""
+    it = aiter(chunks)
+    try:
+        while True:
+            try:
+                chunk = await _until_lost(anext(it), worker_addr)
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        await it.aclose()
+
+
+async def _until_lost(awaitable, worker_addr: str):
+    task = asyncio.ensure_future(awaitable)
+    while not (await asyncio.wait({task}, timeout=WATCH_INTERVAL))[0]:
+        if not await _registered(worker_addr):
+            task.cancel()
+            await asyncio.wait({task})
+            raise WorkerLost(f"worker {worker_addr} stopped answering the controller's probes")
+    return task.result()
+
+
+async def _registered(worker_addr: str) -> bool:
+    try:
+        workers = await server.fetch_remote(server.app_settings.controller_address + "/list_workers", None, "")
+    except (aiohttp.ClientError, OSError, ValueError):
+        return True  # the controller is the one in trouble: keep waiting for the worker
+    return not isinstance(workers, dict) or worker_addr in workers
 
 
 async def _another_worker(model: str, failed: str) -> str:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the gateway (served at /metrics).
 
 Requests by model and status, tokens generated, time to first token and time per output
-token, and each worker's queue length as the controller reports it at scrape time.
+token, generations per worker (how the load spreads over hosts), and each worker's queue
+length as the controller reports it at scrape time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ REQUESTS = Counter("llmd_requests", "API requests by model, route and HTTP statu
 TOKENS = Counter("llmd_generated_tokens", "completion tokens generated", ["model"], registry=REGISTRY)
 TTFT = Histogram("llmd_time_to_first_token_seconds", "time from the worker request to the first text", ["model"],
                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
+WORKER_REQUESTS = Counter("llmd_worker_requests", "generations answered by each worker (after any failover)",
+                          ["worker"], registry=REGISTRY)
 TPOT = Histogram("llmd_time_per_output_token_seconds", "decode time per token after the first", ["model"],
                  buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28), registry=REGISTRY)
 

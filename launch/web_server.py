@@ -29,7 +29,7 @@ NOT_ANSWERED = (
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    deployment = config.load(args.conf, args.profile)
+    deployment = config.load(args.conf, args.profile, models=args.models)
     compat.apply()
     templates.use_for_models({m.name: m.template for m in deployment.models})
     demo = build(deployment, args.controller_url)
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve the web UI of the stack.")
     p.add_argument("--conf", type=Path, default=Path("conf"))
     p.add_argument("--profile", default=config.DEFAULT_PROFILE)
+    p.add_argument("--models", type=lambda v: [m for m in v.split(",") if m], default=None,
+                   help="model names served (default: the profile's), e.g. on a head whose workers run elsewhere")
     p.add_argument("--controller-url", default="http://127.0.0.1:21001")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)

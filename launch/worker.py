@@ -2,10 +2,13 @@
 
     python -m launch.worker --model-dir DIR --name NAME --template TEMPLATE \\
         --port 21002 --controller http://127.0.0.1:21001 [--threads N] [--dtype bfloat16]
+        [--host 0.0.0.0 --advertise-host 10.0.0.7 --secret-file FILE]    # on another host
 
 FastChat's BaseModelWorker registers with the controller, heartbeats, queues requests
 and serves the worker HTTP API; this module loads the model, turns FastChat's prompt
-string into ids and streams the generated text back.
+string into ids and streams the generated text back. `POST /drain` (guarded like
+registration) makes it leave the controller and refuse new requests while the ones it
+accepted finish.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker, app, heart_beat_wo
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from launch import templates
-from launch.controller import SECRET_HEADER
+from launch.peer_guard import PeerGuard, read_secret, secret_headers
 from launch.generate import Sampling, generate
 
 log = logging.getLogger("model_worker")
@@ -41,9 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.secret_file:
         from fastchat.serve import base_model_worker
 
-        base_model_worker.requests = _WithSecret(args.secret_file.read_text().strip())
+        base_model_worker.requests = _WithSecret(secret_headers(args.secret_file))
     worker = ModelWorker(args)
     app.add_middleware(QueueLimit, worker=worker, limit=args.concurrency + args.queue_size)
+    app.add_api_route("/drain", worker.drain, methods=["POST"])
+    app.add_middleware(PeerGuard, secret=read_secret(args.secret_file), paths={"/drain"}, what="drain")
     # Register only once this process answers HTTP: the controller drops a worker whose
     # status it cannot fetch, and would then not see it again until the next heartbeat.
     threading.Thread(target=_register_when_listening, args=(worker, args.host, args.port), daemon=True).start()
@@ -56,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", required=True, type=Path, help="a transformers model folder")
     p.add_argument("--name", required=True, help="model name clients ask for")
     p.add_argument("--template", required=True, help="FastChat conversation template")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind and to advertise")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--advertise-host", help="address the controller reaches this worker at (default: --host)")
     p.add_argument("--port", type=int, default=21002)
     p.add_argument("--controller", default="http://127.0.0.1:21001", help="controller URL")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -80,13 +86,14 @@ class ModelWorker(BaseModelWorker):
         templates.use_for_models({args.name: args.template})
         super().__init__(
             controller_addr=args.controller,
-            worker_addr=f"http://{args.host}:{args.port}",
+            worker_addr=f"http://{args.advertise_host or args.host}:{args.port}",
             worker_id=uuid.uuid4().hex[:8],
             model_path=str(args.model_dir),
             model_names=[args.name],
             limit_worker_concurrency=args.concurrency,
             conv_template=args.template,
         )
+        self.draining = False
         started = time.perf_counter()
         self._encode, self._reply = prompt_codec(args.template)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -110,6 +117,32 @@ class ModelWorker(BaseModelWorker):
         )
 
     # --- FastChat worker protocol -------------------------------------------------------
+
+    def register_to_controller(self) -> None:
+        if not self.draining:  # a heartbeat answered "unknown worker" would register it again
+            super().register_to_controller()
+
+    def send_heart_beat(self) -> None:
+        if not self.draining:
+            super().send_heart_beat()
+
+    def get_status(self) -> dict:
+        return super().get_status() | {"draining": self.draining}
+
+    def drain(self) -> dict:
+        """Leave the dispatch; refuse new requests (the gateway retries them on another
+        replica); the accepted ones finish. Their number is queue_length in /worker_get_status."""
+        self.draining = True
+        from fastchat.serve import base_model_worker  # its `requests` carries the secret
+
+        try:
+            base_model_worker.requests.post(self.controller_addr + "/deregister_worker",
+                                            json={"worker_name": self.worker_addr}, timeout=5).raise_for_status()
+        except requests.RequestException as e:  # gone from the dispatch anyway once we stop
+            log.warning("could not deregister from %s (%s); the controller drops this worker when it stops",
+                        self.controller_addr, e)
+        log.info("draining: %d requests still running or queued", self.get_queue_length())
+        return {"draining": True, "queue_length": self.get_queue_length()}
 
     def generate_stream_gate(self, params: dict) -> Iterator[bytes]:
         self.call_ct += 1
@@ -216,8 +249,9 @@ class ModelWorker(BaseModelWorker):
 
 
 class QueueLimit:
-    """ASGI middleware: refuse a generation at once when the queue is full. FastChat's worker
-    queues every request without bound, so under overload clients would only time out."""
+    """ASGI middleware: refuse a generation at once when the queue is full (FastChat's worker
+    queues every request without bound, so under overload clients would only time out) or
+    the worker is draining."""
 
     PATHS = {"/worker_generate_stream": b"\0", "/worker_generate": b""}
 
@@ -226,10 +260,15 @@ class QueueLimit:
 
     async def __call__(self, scope, receive, send):
         end = self.PATHS.get(scope.get("path")) if scope["type"] == "http" else None
-        if end is None or self.worker.get_queue_length() < self.limit:
+        if end is None or (not self.worker.draining and self.worker.get_queue_length() < self.limit):
             return await self.app(scope, receive, send)
-        body = json.dumps({"text": f"the model's queue is full ({self.limit} requests); retry shortly",
-                           "error_code": int(ErrorCode.ENGINE_OVERLOADED)}).encode() + end
+        if self.worker.draining:  # the gateway retries this on another replica
+            refusal = {"text": "this worker is draining; retry on another replica",
+                       "error_code": int(ErrorCode.CONTROLLER_NO_WORKER)}
+        else:
+            refusal = {"text": f"the model's queue is full ({self.limit} requests); retry shortly",
+                       "error_code": int(ErrorCode.ENGINE_OVERLOADED)}
+        body = json.dumps(refusal).encode() + end
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
 
@@ -279,8 +318,8 @@ class _WithSecret:
 
     exceptions = requests.exceptions
 
-    def __init__(self, secret: str):
-        self.headers = {SECRET_HEADER: secret}
+    def __init__(self, headers: dict[str, str]):
+        self.headers = headers
 
     def post(self, url: str, **kwargs):
         return requests.post(url, headers=self.headers | kwargs.pop("headers", {}), **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -25,15 +26,29 @@ if "LOGDIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["LOGDIR"], ignore_errors=True)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def free_ports(n: int, block: int = 8) -> list[int]:
+    """`n` free ports, each the start of `block` consecutive free ports (worker N listens on base + N).
+
+    Picked below the kernel's ephemeral range: ports from bind(0) are ephemeral, so a client's
+    outgoing connection could take one (or its neighbours) before the stack binds it."""
+    low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        base = rng.randrange(10000, low - block)
+        if any(abs(base - p) < block for p in ports):
+            continue
+        socks = [socket.socket() for _ in range(block)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        ports.append(base)
+    return ports
 
 
 def make_conf(dest: Path, models: dict[str, dict] | None = None, profile: dict | None = None, **stack) -> Path:
@@ -47,7 +62,7 @@ def make_conf(dest: Path, models: dict[str, dict] | None = None, profile: dict |
         "controller": {"host": "127.0.0.1", "port": controller},
         "api": {"host": "127.0.0.1", "port": api},
         "web": {"host": "127.0.0.1", "port": web},
-        "worker_port": worker,  # the next few ports may be taken by chance; tests use 1-2 workers
+        "worker_port": worker,
         "run_dir": str(dest / "run"),
         "startup_timeout": 300,
     }
@@ -64,14 +79,18 @@ def make_conf(dest: Path, models: dict[str, dict] | None = None, profile: dict |
 
 @dataclass
 class Stack:
-    """A stack started by `python -m deploy up`, the code path of `make up`."""
+    """A stack started by `python -m deploy up`, the code path of `make up` (inside the network
+    namespace `netns` when given: another host, see test_multi_host.py)."""
 
     conf: Path
     profile: str
     env: dict = field(default_factory=lambda: dict(os.environ))
+    netns: str | None = None
 
     def deploy(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "deploy", "--conf", str(self.conf), *args]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=self.env, timeout=900)
         if check and done.returncode != 0:
             pytest.fail(f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")

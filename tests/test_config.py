@@ -141,3 +141,47 @@ def test_unreadable_users_file(tmp_path):
     edit(conf / "stack.yaml", web={"port": 7860, "users_file": str(tmp_path / "users.yaml")})
     msg = load_error(conf)
     assert "web.users_file" in msg and "expected 'users:'" in msg
+
+
+def edit_controller(conf, **changes):
+    stack = yaml.safe_load((conf / "stack.yaml").read_text())
+    edit(conf / "stack.yaml", controller=stack["controller"] | changes)
+
+
+def role_error(conf, **kwargs) -> str:
+    with pytest.raises(ConfigError) as err:
+        config.load(conf, "demo", **kwargs)
+    return str(err.value)
+
+
+def test_roles_pick_the_processes_of_a_host(tmp_path):
+    conf = make_conf(tmp_path)
+    (tmp_path / "secret").write_text("s" * 32)
+    edit_controller(conf, host="10.0.0.1", secret_file=str(tmp_path / "secret"))
+    head = config.load(conf, "demo", role="head", models=[])
+    assert [m.name for m in head.models] == ["smollm2-135m", "smollm2-135m-int8"] and head.workers() == []
+    assert head.controller_url.startswith("http://10.0.0.1:")
+    edit(conf / "stack.yaml", worker_host="0.0.0.0", worker_advertise_host="10.0.0.2")
+    worker = config.load(conf, "demo", role="worker", controller="http://10.0.0.1:21001", models=["smollm2-135m"])
+    assert [w.model.name for w in worker.workers()] == ["smollm2-135m"] and [m.name for m in worker.models] == ["smollm2-135m"]
+    assert worker.controller_url == "http://10.0.0.1:21001"
+    assert worker.stack.worker_url(21002) == "http://10.0.0.2:21002"
+
+
+def test_role_mistakes_say_what_to_set(tmp_path):
+    conf = make_conf(tmp_path)
+    assert "not a role; use one of: all, head, worker" in role_error(conf, role="boss")
+    assert "ROLE=worker needs CONTROLLER=http://HEAD:PORT" in role_error(conf, role="worker")
+    assert "not a controller URL" in role_error(conf, role="worker", controller="10.0.0.1:21001")
+    assert "CONTROLLER: only for ROLE=worker" in role_error(conf, role="head", controller="http://10.0.0.1:1")
+    assert "controller.host: 127.0.0.1 cannot be reached by worker hosts" in role_error(conf, role="head")
+    assert "controller.secret_file: required" in role_error(conf, role="worker", controller="http://10.0.0.1:21001")
+    assert "MODELS: no model 'nope'" in role_error(conf, models=["nope"])
+    assert "MODELS: empty" in role_error(conf, models=[])
+    (tmp_path / "secret").write_text("s" * 32)
+    edit_controller(conf, secret_file=str(tmp_path / "secret"))
+    # Registering from loopback with a remote controller: the head could never reach the worker.
+    msg = role_error(conf, role="worker", controller="http://10.0.0.1:21001")
+    assert "worker_host: 127.0.0.1 cannot be reached from the head" in msg
+    edit(conf / "stack.yaml", worker_host="0.0.0.0")
+    assert "set worker_advertise_host" in load_error(conf)

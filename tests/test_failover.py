@@ -15,7 +15,8 @@ import pytest
 import requests
 from starlette.testclient import TestClient
 
-from launch.controller import SECRET_HEADER, RegistrationGuard
+from launch.controller import GUARDED
+from launch.peer_guard import SECRET_HEADER, PeerGuard
 from tests.conftest import Stack, make_conf
 
 MODEL, NO_QUEUE = "smollm2-135m", "smollm2-noqueue"
@@ -136,7 +137,7 @@ def test_without_a_secret_only_loopback_peers_may_register():
 
     app = FastAPI()
     app.add_api_route("/register_worker", lambda: {"ok": True}, methods=["POST"])
-    guarded = RegistrationGuard(app, secret=None)
+    guarded = PeerGuard(app, secret=None, paths=GUARDED)
     # TestClient's peer is the host "testclient", not a loopback address.
     assert TestClient(guarded).post("/register_worker").status_code == 403
     loopback = TestClient(guarded, client=("127.0.0.1", 50000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import psutil
@@ -43,8 +44,15 @@ def test_up_twice_converts_once_and_starts_nothing_twice_then_down_leaves_nothin
         assert [n for n in old if old[n] != new[n]] == ["web"]
 
         status = stack.deploy("status").stdout
-        assert "worker-smollm2-135m" in status and "RUNNING" in status and "models registered: smollm2-135m" in status
+        assert "worker-smollm2-135m" in status and "RUNNING" in status
+        assert re.search(r"workers registered at http://127\.0\.0\.1:\d+:\n  http://127\.0\.0\.1:\d+ +smollm2-135m  queue 0", status), status
         assert "worker-smollm2-135m.log" in stack.deploy("logs", "-n", "5").stdout
+
+        # `drain` takes the host's workers out (nothing to finish here), `up` brings them back.
+        assert "drained: worker-smollm2-135m" in stack.deploy("drain").stdout
+        assert {p["name"]: p["statename"] for p in stack.supervisor().processes()}["worker-smollm2-135m"] == "STOPPED"
+        assert "workers registered at http://127.0.0.1" in (status := stack.deploy("status").stdout) and " none" in status
+        assert "started again (stopped by a drain or by hand): worker-smollm2-135m" in stack.up().stdout
     finally:
         procs = stack.processes()
         assert "the stack is stopped" in stack.deploy("down").stdout
