@@ -1,9 +1,12 @@
 # llm-deployment: `make up` and `make test` are all a fresh machine needs.
 PROFILE ?= demo
 # Several hosts (docs/multi-host.md): ROLE=head on one, ROLE=worker CONTROLLER=http://HEAD:21001
-# MODELS=a,b on the others. MODELS= (empty) on a head: no local workers.
+# MODELS=a,b on the others. MODELS= (empty) on a head: no local workers. WORKER_HOST= and
+# ADVERTISE_HOST= set this host's worker addresses, so that all hosts can share one conf/.
 ROLE    ?= all
 CONTROLLER ?=
+WORKER_HOST ?=
+ADVERTISE_HOST ?=
 CONF    ?= conf
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -18,7 +21,8 @@ TORCH_INDEX ?=
 
 up: $(STAMP)           ## prepare the profile's models, start or update the stack, wait until it serves
 	$(DEPLOY) up --profile $(PROFILE) --role $(ROLE) $(if $(CONTROLLER),--controller $(CONTROLLER)) \
-	  $(if $(filter undefined,$(origin MODELS)),,--models "$(MODELS)")
+	  $(if $(filter undefined,$(origin MODELS)),,--models "$(MODELS)") \
+	  $(if $(WORKER_HOST),--worker-host $(WORKER_HOST)) $(if $(ADVERTISE_HOST),--advertise-host $(ADVERTISE_HOST))
 
 down: $(STAMP)         ## stop every process of the stack
 	$(DEPLOY) down

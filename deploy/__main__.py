@@ -1,6 +1,7 @@
 """Run the stack under supervisor: up, down, status, logs, drain (what the Makefile calls).
 
     python -m deploy [--conf conf] up [--profile demo] [--role all|head|worker] [--controller URL] [--models a,b]
+                                      [--worker-host HOST] [--advertise-host HOST]
     python -m deploy [--conf conf] down | status | drain | logs [PROGRAM] [-n 40] [-f]
 """
 
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--controller", help="ROLE=worker: the head's controller, http://HEAD:PORT")
     c.add_argument("--models", type=lambda v: [m for m in v.split(",") if m],
                    help="comma-separated models with workers on this host (default: the profile's; '' for none on a head)")
+    c.add_argument("--worker-host", help="this host's workers bind here (default: worker_host in stack.yaml)")
+    c.add_argument("--advertise-host", help="the controller reaches this host's workers here "
+                   "(default: worker_advertise_host, else the worker host)")
     c.set_defaults(run=up)
     sub.add_parser("down", help="stop every process of the stack").set_defaults(run=down)
     sub.add_parser("status", help="processes, registered models and URLs").set_defaults(run=status)
@@ -66,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def up(args: argparse.Namespace) -> int:
-    deployment = config.load(args.conf, args.profile, args.role, args.controller, args.models)
+    deployment = config.load(args.conf, args.profile, args.role, args.controller, args.models,
+                             {"worker_host": args.worker_host, "worker_advertise_host": args.advertise_host})
     stack = deployment.stack
     sup = Supervisor(stack.run_dir)
     names = ", ".join(m.name for m in deployment.models)

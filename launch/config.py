@@ -32,13 +32,15 @@ class ConfigError(Exception):
 
 
 def load(conf_dir: str | Path, profile: str = DEFAULT_PROFILE, role: str = "all", controller: str | None = None,
-         models: list[str] | None = None) -> Deployment:
+         models: list[str] | None = None, stack_overrides: dict | None = None) -> Deployment:
     """Load and validate the stack, the profile and every model this host starts.
 
     `models` (make's MODELS=) are the models with workers on this host, default the profile's;
-    `controller` (CONTROLLER=) is the head's controller URL, for role `worker` only."""
+    `controller` (CONTROLLER=) is the head's controller URL, for role `worker` only;
+    `stack_overrides` replace keys of stack.yaml for this host (WORKER_HOST=, ADVERTISE_HOST=),
+    so that every host can share one conf/."""
     conf_dir = Path(conf_dir)
-    stack = load_stack(conf_dir)
+    stack = load_stack(conf_dir, stack_overrides)
     if stack.web.users_file is not None:
         from launch import web_users
 
@@ -124,12 +126,13 @@ def _check_role(stack: StackConfig, stack_file: Path, role: str, controller: str
     return controller.rstrip("/")
 
 
-def load_stack(conf_dir: str | Path) -> StackConfig:
-    """Only conf/stack.yaml: enough to find a running stack."""
+def load_stack(conf_dir: str | Path, overrides: dict | None = None) -> StackConfig:
+    """Only conf/stack.yaml (with top-level keys of `overrides` replaced, e.g. a host's own
+    worker_host given on the command line): enough to find a running stack."""
     conf_dir = Path(conf_dir)
     if not conf_dir.is_dir():
         raise ConfigError(f"{conf_dir}: no such configuration folder")
-    return _parse(StackConfig, conf_dir / "stack.yaml").resolved(base=conf_dir.resolve().parent)
+    return _parse(StackConfig, conf_dir / "stack.yaml", overrides).resolved(base=conf_dir.resolve().parent)
 
 
 class _Strict(BaseModel):
@@ -353,7 +356,7 @@ def _names(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def _parse(schema: type[BaseModel], path: Path):
+def _parse(schema: type[BaseModel], path: Path, overrides: dict | None = None):
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
@@ -364,6 +367,7 @@ def _parse(schema: type[BaseModel], path: Path):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    data |= {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
         return schema.model_validate(data)
     except ValidationError as e:

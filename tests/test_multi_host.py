@@ -56,8 +56,9 @@ class Hosts:
         return f"http://{WORKER_IP}:{self.worker.settings['worker_port']}"
 
     def up_worker_host(self) -> subprocess.CompletedProcess:
+        # The worker host's address from the command line (make's WORKER_HOST=): its conf is the head's.
         return self.worker.deploy("up", "--profile", "test", "--role", "worker", "--controller", self.controller,
-                                  "--models", MODEL)
+                                  "--models", MODEL, "--worker-host", WORKER_IP)
 
 
 def ip(*args: str) -> None:
@@ -109,8 +110,11 @@ def hosts(tmp_path_factory):
         models, profile = {MODEL: base | {"threads": 1}}, {"models": [MODEL]}
         head = Stack(make_conf(tmp / "head", models=models, profile=profile,
                                controller={"host": HEAD_IP, "secret_file": str(tmp / "secret")}), "test", netns=head_ns)
-        worker = Stack(make_conf(tmp / "worker", models=models, profile=profile, worker_host=WORKER_IP,
-                                 controller={"secret_file": str(tmp / "secret")}), "test", netns=worker_ns)
+        # The same conf/ on both hosts, but for the run dir (both hosts share this machine's disk).
+        worker_conf = shutil.copytree(head.conf, tmp / "worker" / "conf")
+        settings = head.settings | {"run_dir": str(tmp / "worker" / "run")}
+        (worker_conf / "stack.yaml").write_text(yaml.safe_dump(settings))
+        worker = Stack(worker_conf, "test", netns=worker_ns)
         # The namespaces have no way out: fetch the model here first (a cache hit if done before).
         subprocess.run([sys.executable, "-m", "launch.prepare", "--conf", str(head.conf), "--profile", "test"],
                        cwd=ROOT, check=True, capture_output=True, timeout=900)
