@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from launch.generate import Sampling, generate
-from launch.int8_linear import DECODE_MAX_ROWS, Int8Linear
+from launch import int8_linear
+from launch.int8_linear import DECODE_MAX_ROWS, Int8Embedding, Int8Linear, gemv_kernel
 from tests.conftest import ROOT
 from launch.quantize import MANIFEST, QuantConfig, QuantizeError, cache_key, ensure_int8, load_int8
 
@@ -156,3 +157,107 @@ def test_the_converters_own_record_does_not_change_the_key(tiny):
     finally:
         (tiny / "conversion.json").unlink()
         (tiny / "generation_config.json").write_text(generation)
+
+
+# --- the compiled kernels, against a float64 reference ------------------------------------------
+
+needs_kernel = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512" or gemv_kernel() is None,
+    reason="the compiled int8 kernels need AVX-512 and a C++ compiler",
+)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              magnitude: bool = False) -> torch.Tensor:
+    """What Int8Linear must compute, in float64 from the exact bf16 input and fp32 scale; with
+    `magnitude`, the same sum over absolute values (the scale of its rounding errors)."""
+    x, w, b = x.double(), w.double(), None if bias is None else bias.bfloat16().double()
+    if magnitude:
+        x, w, b = x.abs(), w.abs(), None if b is None else b.abs()
+    y = (x @ w.T) * scale.double()
+    return y if b is None else y + b
+
+
+def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                              bias: torch.Tensor | None, what: str) -> None:
+    ref, size = reference(x, w, scale, bias), reference(x, w, scale, bias, magnitude=True)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape, what
+    # Each output may be off by bf16 rounding (2^-9) of the terms it sums: once on the decode
+    # path (fp32 accumulation, one rounding at the end); on the prefill path oneDNN's bf16 GEMM
+    # itself was measured up to 2.7e-3 on small shapes, and its output is rounded once more
+    # after scale and bias.
+    err = (y.double() - ref).abs()
+    bound = size * (2**-8 if x.shape[0] <= DECODE_MAX_ROWS else 2**-7) + 1e-6
+    assert bool((err <= bound).all()), f"{what}: max error {float((err - bound).max()):.3g} over the bound"
+    # And overall: a dropped tail of 5 of 4101 inputs is ~3% off, a wrong row or scale far more.
+    assert rel_error(y, ref) < 0.005, f"{what}: relative error {rel_error(y, ref):.4f}"
+
+
+def unaligned_int8(rows: int, cols: int, offset: int = 3) -> torch.Tensor:
+    storage = torch.randint(-127, 128, (rows * cols + offset,), dtype=torch.int8)
+    w = storage[offset:].view(rows, cols)
+    assert w.data_ptr() % 64 != 0
+    return w
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (7, 15), (9, 16), (37, 17), (259, 100), (64, 4101)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_bias):
+    torch.manual_seed(out_features * 1000 + in_features)
+    w = unaligned_int8(out_features, in_features)
+    scale = torch.rand(out_features) / 50 + 1e-4
+    bias = torch.randn(out_features) if with_bias else None
+    layer = Int8Linear(w, scale, bias)
+    assert layer._gemv, "the compiled kernel is not in use"
+    for rows in range(1, DECODE_MAX_ROWS + 2):  # 1..8: GEMV; 9: the widened prefill path
+        x = torch.randn(rows, in_features).bfloat16()
+        assert_close_to_reference(layer(x), x, w, scale, bias, f"{out_features}x{in_features} rows={rows}")
+
+
+@needs_kernel
+def test_kernels_take_strided_and_batched_inputs_and_outliers():
+    torch.manual_seed(1)
+    w = unaligned_int8(300, 4096 + 5, offset=1)
+    scale = torch.rand(300) / 50
+    bias = torch.randn(300)
+    layer = Int8Linear(w, scale, bias)
+    # Every other column of a wider tensor (not contiguous), a batch dimension, float32 input,
+    # and a few activations 100x larger than the rest (as LLM hidden states have).
+    wide = torch.randn(2, 3, 2 * (4096 + 5)).bfloat16()
+    wide[..., ::97] *= 100
+    for x in (wide[:, :1, ::2], wide[:, :, ::2], wide[..., ::2].float()):
+        assert not x.is_contiguous() or x.dtype == torch.float32
+        y = layer(x)
+        assert y.shape == (*x.shape[:-1], 300)
+        assert_close_to_reference(y.reshape(-1, 300), x.reshape(-1, x.shape[-1]).bfloat16(), w, scale, bias,
+                                  f"input {tuple(x.shape)} {x.dtype}")
+
+
+@needs_kernel
+def test_decode_and_prefill_paths_agree_with_the_fallback():
+    torch.manual_seed(2)
+    w, scale, bias = unaligned_int8(200, 128), torch.rand(200) / 50, torch.randn(200)
+    compiled, fallback = Int8Linear(w, scale, bias), Int8Linear(w, scale, bias)
+    fallback._gemv = False  # _weight_int8pack_mm for decode, the Python widened GEMM for prefill
+    for rows in (1, 3, 8, 9, 40):
+        x = torch.randn(rows, 128).bfloat16()
+        a, b = compiled(x), fallback(x)
+        assert rel_error(a, b) < 0.01, f"rows={rows}"
+        assert_close_to_reference(b, x, w, scale, bias, f"fallback rows={rows}")
+
+
+def test_without_a_compiler_the_kernel_falls_back_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(int8_linear.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with caplog.at_level("WARNING", logger="launch.int8_linear"):
+        assert gemv_kernel.__wrapped__() is None
+    assert "no C++ compiler" in caplog.text and "_weight_int8pack_mm" in caplog.text
+
+
+def test_int8_embedding_rows():
+    w, scale = torch.randint(-127, 128, (50, 24), dtype=torch.int8), torch.rand(50) / 50
+    emb = Int8Embedding(w, scale)
+    ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
+    expected = (w[ids].float() * scale[ids][..., None]).bfloat16()  # exact product, one rounding
+    assert torch.equal(emb(ids), expected)
