@@ -2,12 +2,15 @@
 
     python -m eval.bench direct --model DIR|synth:qwen-7b|synth:glm3-6b [--model ...]
                                 [--quality SMOLLM2_DIR] [--threads N] [--json OUT]
+    python -m eval.bench attention [--context 4096]                  (one decoded token, per layer)
+    python -m eval.bench context --model DIR [--context 4096]        (a decode step at long contexts)
     python -m eval.bench gateway [--concurrency 16] [--duration 60]     (eval/bench_gateway.py)
 
 For each model, bf16 then int8 (launch.quantize, cached): decode tokens/s of one stream
-(64 new tokens after a short prompt, EOS ignored), the time of a 512-token prefill, and the
-decode bound = memory read bandwidth / weight bytes read per token, with the bandwidth
-measured in the same run (the machine is shared: compare ratios within a run, not runs).
+(64 new tokens after a short prompt, EOS ignored; the median of 3 runs), the time of a 512-token
+prefill (the best of 3), and the decode bound = memory read bandwidth / weight bytes read per
+token, with the bandwidth measured around the same runs (the median of 3 readings; the machine
+is shared: compare ratios within a run, not runs).
 `--quality` adds int8-vs-bf16 agreement on real weights (top-1, mean KL, greedy answers).
 `synth:` models are random native-layout checkpoints of the real shapes, written once.
 """
@@ -27,8 +30,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from eval import bench_gateway
+from launch import attention, kv_cache
 from launch.generate import Sampling, generate
-from launch.quantize import QuantConfig, ensure_int8, load_int8
+from launch.quantize import MANIFEST, QuantConfig, ensure_int8, load_int8
 
 DEFAULT_CACHE = Path.home() / ".cache" / "llm-deployment" / "bench"
 
@@ -59,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--cache-root", type=Path, default=DEFAULT_CACHE, help="int8 and synth models go here")
     d.add_argument("--json", type=Path, help="also write the results here")
     d.set_defaults(run=run_direct)
+    a = sub.add_parser("attention", help="one decoded token's attention: torch SDPA vs launch.attention, per layer")
+    a.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a.add_argument("--context", type=int, action="append", help="cached tokens (default 32, 512, 4096)")
+    a.set_defaults(run=run_attention)
+    c = sub.add_parser("context", help="decode step time at long contexts: transformers' cache + SDPA vs the stack's")
+    c.add_argument("--model", type=Path, required=True, help="a bf16 model folder or an int8 folder (launch.quantize)")
+    c.add_argument("--context", type=int, action="append", help="cached tokens (default 32, 1024, 4096)")
+    c.add_argument("--threads", type=int, default=torch.get_num_threads())
+    c.set_defaults(run=run_context)
     bench_gateway.add_parser(sub)
     args = p.parse_args(argv)
     return args.run(args)
@@ -83,17 +96,90 @@ def run_direct(args: argparse.Namespace) -> int:
 # --- speed ---------------------------------------------------------------------------------
 
 
+@torch.inference_mode()
+def run_attention(args: argparse.Namespace) -> int:
+    """Median time of one layer's attention for one decoded token, bf16, 32 query heads of 128:
+    torch's SDPA on contiguous keys/values (transformers' DynamicCache) vs launch.attention on
+    views of a cache with spare room (launch.kv_cache), as the workers run it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, kernel {'compiled' if attention.decode_kernel() else 'NOT AVAILABLE (SDPA both)'}")
+    print("| key/value heads | cached tokens | torch SDPA us | launch.attention us |\n| --- | --- | --- | --- |")
+    for kv_heads in (32, 2):  # Qwen-7B, ChatGLM3-6B
+        module = torch.nn.Module().eval()
+        module.num_key_value_groups = 32 // kv_heads
+        for length in args.context or (32, 512, 4096):
+            q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+            k, v = torch.randn(2, 1, kv_heads, length, 128, dtype=torch.bfloat16)
+            room = torch.randn(2, 1, kv_heads, length + kv_cache.STEP, 128, dtype=torch.bfloat16)
+            kr, vr = room[0, :, :, :length], room[1, :, :, :length]
+            sdpa = _median_us(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=128**-0.5))
+            ours = _median_us(lambda: attention.attention(module, q, kr, vr, None, scaling=128**-0.5))
+            print(f"| {kv_heads} | {length} | {sdpa:.0f} | {ours:.0f} |")
+    return 0
+
+
+@torch.inference_mode()
+def run_context(args: argparse.Namespace) -> int:
+    """Median of 6 decode steps with the cache already holding N tokens (random keys and values:
+    a step's cost does not depend on them), alternating the two implementations twice."""
+    torch.set_num_threads(args.threads)
+    int8 = (args.model / MANIFEST).is_file()
+    model = load_int8(args.model) if int8 else AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+    config = model.config
+    kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    print(f"{args.model} ({'int8' if int8 else 'bf16'}), threads {args.threads}")
+    print("| cached tokens | DynamicCache + SDPA ms/token | launch.kv_cache + launch.attention ms/token |\n| --- | --- | --- |")
+    for length in args.context or (32, 1024, 4096):
+        times: dict[str, list[float]] = {"transformers": [], "stack": []}
+        for name in [*times] * 2:
+            if name == "stack":
+                cache = kv_cache.new_cache(config)
+                attention.use(model)
+            else:
+                cache = DynamicCache(config=config)
+                model.set_attn_implementation("sdpa")
+            g = torch.Generator().manual_seed(0)
+            for layer in cache.layers:
+                layer.update(*torch.randn(2, 1, kv_heads, length, head_dim, generator=g, dtype=torch.bfloat16))
+            steps = []
+            for _ in range(6):
+                started = time.perf_counter()
+                model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+                steps.append(time.perf_counter() - started)
+            times[name].append(sorted(steps)[3] * 1e3)
+            del cache
+        print(f"| {length} | {' / '.join(f'{t:.0f}' for t in times['transformers'])} | "
+              f"{' / '.join(f'{t:.0f}' for t in times['stack'])} |", flush=True)
+    return 0
+
+
+def _median_us(f: Callable, repeats: int = 51) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[repeats // 2] * 1e6
+
+
 def bench_model(src: Path, args: argparse.Namespace) -> dict:
     out: dict = {}
     int8_dir, made = ensure_int8(src, args.cache_root / "int8", QuantConfig())
     for kind in ("bfloat16", "int8"):
         started = time.perf_counter()
-        model = load_int8(int8_dir) if kind == "int8" else AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+        model = attention.use(load_int8(int8_dir) if kind == "int8" else AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())
         load_s = time.perf_counter() - started
         r = {"load_s": round(load_s, 2), "weight_bytes_per_token": weight_bytes_per_token(model)}
-        r |= speed(model, args.new_tokens, args.prefill_tokens)
-        # Bandwidth right after the model ran: the same load from the other users of the machine.
-        r["read_GBps"] = round(read_bandwidth() / 1e9, 1)
+        # The bandwidth is read before, between and after the timed runs (the same neighbours on
+        # the machine as the model saw) and the median taken: single readings moved 31-58 GB/s.
+        reads = [read_bandwidth()]
+        r |= speed(model, args.new_tokens, args.prefill_tokens, between=lambda: reads.append(read_bandwidth()))
+        reads.append(read_bandwidth())
+        r["read_GBps_each"] = [round(b / 1e9, 1) for b in reads]
+        r["read_GBps"] = round(sorted(reads)[len(reads) // 2] / 1e9, 1)
         r["bound_tok_s"] = round(r["read_GBps"] * 1e9 / r["weight_bytes_per_token"], 2)
         r["of_bound"] = round(r["decode_tok_s"] / r["bound_tok_s"], 3)
         out[kind] = r
@@ -106,27 +192,33 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
 
 
 @torch.inference_mode()
-def speed(model: PreTrainedModel, new_tokens: int, prefill_tokens: int) -> dict:
+def speed(model: PreTrainedModel, new_tokens: int, prefill_tokens: int, runs: int = 3,
+          between: Callable[[], object] = lambda: None) -> dict:
+    """Decode: `runs` generations of `new_tokens` after a 16-token prompt, the median run's
+    tokens/s (and the median single step over all runs). Prefill: the best of `runs`."""
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, vocab, (16,), generator=g).tolist()
     greedy = Sampling(max_new_tokens=new_tokens, temperature=0)  # no stop ids: EOS ignored
     for _ in generate(model, prompt, Sampling(max_new_tokens=2, temperature=0)):
         pass  # warm-up: oneDNN primitive creation, first-touch of weights
-    stamps = [time.perf_counter() for _ in generate(model, prompt, greedy)]
-    decode_tok_s = (len(stamps) - 1) / (stamps[-1] - stamps[0])  # after the first token: decode only
-    # The median step as well: on a shared machine one preempted thread stalls a whole step,
-    # and the mean then measures the neighbours more than the kernel.
-    steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    decode_median_tok_s = 1 / steps[len(steps) // 2]
+    rates, steps = [], []
+    for _ in range(runs):
+        stamps = [time.perf_counter() for _ in generate(model, prompt, greedy)]
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # after the first token: decode only
+        # On a shared machine one preempted thread stalls a whole step; the median step shows
+        # the model without those stalls, the run's tokens/s with them.
+        steps += [b - a for a, b in zip(stamps, stamps[1:])]
+    between()
     long = torch.randint(100, vocab, (1, prefill_tokens), generator=g)
-    best = float("inf")
-    for _ in range(2):
+    prefill = []
+    for _ in range(runs):
         started = time.perf_counter()
         model(input_ids=long, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-        best = min(best, time.perf_counter() - started)
-    return {"decode_tok_s": round(decode_tok_s, 2), "decode_median_tok_s": round(decode_median_tok_s, 2),
-            "prefill_s": round(best, 3)}
+        prefill.append(time.perf_counter() - started)
+    return {"decode_tok_s": round(sorted(rates)[runs // 2], 2), "decode_tok_s_each": [round(x, 2) for x in rates],
+            "decode_median_tok_s": round(1 / sorted(steps)[len(steps) // 2], 2),
+            "prefill_s": round(min(prefill), 3), "prefill_s_each": [round(x, 3) for x in prefill]}
 
 
 def weight_bytes_per_token(model: PreTrainedModel) -> int:
@@ -210,9 +302,9 @@ def quality(src: Path, cache_root: Path, answer_tokens: int = 64) -> dict:
     from eval.questions import load_question_set
 
     tok = AutoTokenizer.from_pretrained(src)
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    ref = attention.use(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())
     int8_dir, _ = ensure_int8(src, cache_root / "int8", QuantConfig())
-    q8 = load_int8(int8_dir)
+    q8 = attention.use(load_int8(int8_dir))
     seqs, answers = [], {}
     for q in load_question_set(QUALITY_PROMPTS_FILE).questions:
         ids = tok.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, return_dict=True)["input_ids"]

@@ -20,7 +20,8 @@ from typing import Annotated, Literal, Union
 
 import yaml
 from launch.api_keys import KEYS_ENV
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 DEFAULT_PROFILE = "demo"
 ROLES = ("all", "head", "worker")
@@ -285,11 +286,24 @@ class ModelConfig(_Strict):
     description: str = Field("", description="one line shown in the web UI's model list")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     quant: Literal["none", "int8"] = Field("none", description="int8: weights quantized by Neural Compressor (RTN)")
+    # One switch for both: a tied model's lm_head is its embedding table, so they must agree.
+    quant_lm_head: bool = Field(
+        True, description="false: lm_head and input embeddings stay bfloat16 (int8 only for the other linears); "
+                          "see docs/int8.md")
     threads: int | None = Field(None, ge=1, description="torch threads; default cores / workers")
     context_length: int | None = Field(None, ge=16, description="default: the model's own")
     concurrency: int = Field(1, ge=1, description="requests generated at once; more wait in the queue")
     queue_size: int = Field(16, ge=0, description="requests that may wait; more are refused with 429")
     replicas: int = Field(1, ge=1, description="worker processes serving this model; a request fails over between them")
+
+    @field_validator("quant_lm_head")
+    @classmethod
+    def _only_with_int8(cls, value: bool, info: ValidationInfo) -> bool:
+        # Validated only when set: `false` with quant none would be silently ignored.
+        if not value and info.data.get("quant") == "none":
+            raise ValueError("false has no effect without quant: int8 (this model has quant: none, nothing is "
+                             "quantized); remove quant_lm_head or set quant: int8")
+        return value
 
 
 class Profile(_Strict):

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
+
+from launch.kv_cache import new_cache
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Sampling:
 def generate(model: PreTrainedModel, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
     """Yield new token ids; the last one is a stop token unless max_new_tokens ran out."""
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)  # appends in place (launch/kv_cache.py)
     history = torch.tensor(prompt_ids, dtype=torch.long)
     logits = model(input_ids=history[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
     for step in range(sampling.max_new_tokens):

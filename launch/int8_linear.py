@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from launch import native
 
 log = logging.getLogger(__name__)
 
@@ -327,37 +326,8 @@ torch::Tensor int8_widened_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sc
 
 @functools.cache
 def gemv_kernel():
-    """The compiled decode kernel (an extension module with `int8_gemv`), or None when it cannot
-    be used here; then Int8Linear decodes with `_weight_int8pack_mm`. Built once per source
-    version into torch's extension directory ($TORCH_EXTENSIONS_DIR, default
-    ~/.cache/torch_extensions), which also serialises concurrent builds with a lock file."""
-    if os.environ.get(KERNEL_ENV, "1") == "0":
-        return None
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        log.warning("int8: this CPU has no AVX-512 (torch reports %s); decoding with the slower "
-                    "_weight_int8pack_mm", torch.backends.cpu.get_cpu_capability())
-        return None
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        log.warning("int8: no C++ compiler (%r not found; install g++) to build the int8 decode kernel; "
-                    "decoding with the slower _weight_int8pack_mm", cxx)
-        return None
-    from torch.utils.cpp_extension import load_inline
-
-    # torch runs `ninja` from PATH; the venv's own (the `ninja` package) is on it only when the
-    # venv is activated, which supervisor's programs are not.
-    bindir = os.path.dirname(sys.executable)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
-
-    log.info("int8: loading the int8 decode kernel (compiled with %s on first use, ~30 s)", cxx)
-    try:
-        return load_inline(
-            name="llmd_int8_gemv", cpp_sources=[_GEMV_SOURCE], functions=["int8_gemv", "int8_widened_mm"],
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],  # at::parallel_for's OpenMP pragma; torch's own libgomp is loaded
-        )
-    except Exception as e:  # a broken toolchain must not stop the model from serving
-        log.warning("int8: building the int8 decode kernel failed (%s: %s); decoding with the slower "
-                    "_weight_int8pack_mm", type(e).__name__, str(e).strip()[-500:])
-        return None
+    """The compiled kernels (an extension module with `int8_gemv` and `int8_widened_mm`), or None
+    when they cannot be built or run here; then Int8Linear uses `_weight_int8pack_mm` and the
+    Python widened GEMM (launch/native.py)."""
+    return native.load("llmd_int8_gemv", _GEMV_SOURCE, ["int8_gemv", "int8_widened_mm"],
+                       fallback="_weight_int8pack_mm", env=KERNEL_ENV, logger=log)

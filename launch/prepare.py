@@ -29,10 +29,12 @@ def prepare(model: ModelConfig, cache_dir: Path) -> Path:
     """Return the folder to serve `model` from, converting (and quantizing) it first if not cached."""
     folder = _prepare_source(model, cache_dir)
     if model.quant == "int8":
-        from launch.quantize import QuantizeError, ensure_int8
+        from launch.quantize import QuantConfig, QuantizeError, ensure_int8
 
+        # One switch for both (a tied lm_head is the embedding table); part of the cache key.
+        quant = QuantConfig(lm_head=model.quant_lm_head, embeddings=model.quant_lm_head)
         try:
-            folder, _ = ensure_int8(folder, cache_dir / "models" / model.name)
+            folder, _ = ensure_int8(folder, cache_dir / "models" / model.name, quant)
         except QuantizeError as e:
             raise PrepareError(f"model '{model.name}': {e}") from None
     return folder

@@ -31,7 +31,7 @@ from fastchat.constants import ErrorCode
 from fastchat.serve.base_model_worker import BaseModelWorker, app, heart_beat_worker
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from launch import templates
+from launch import attention, templates
 from launch.peer_guard import PeerGuard, read_secret, secret_headers
 from launch.generate import Sampling, generate
 
@@ -103,6 +103,7 @@ class ModelWorker(BaseModelWorker):
             self.model = load_int8(args.model_dir, threads=args.threads)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
+        attention.use(self.model)  # torch's SDPA is slow for one query on CPU (launch/attention.py)
         gen = GenerationConfig.from_model_config(self.model.config)
         if (args.model_dir / "generation_config.json").is_file():
             gen = GenerationConfig.from_pretrained(args.model_dir)

@@ -28,6 +28,8 @@ def test_shipped_conf_loads():
     d = config.load(ROOT / "conf", "demo")
     assert [m.name for m in d.models] == ["smollm2-135m", "smollm2-135m-int8"]
     assert [m.quant for m in d.models] == ["none", "int8"]
+    assert [m.quant_lm_head for m in d.models] == [True, False]  # SmolLM2 int8 keeps lm_head + embeddings bf16
+    assert all(m.quant_lm_head for m in config.load(ROOT / "conf", "seed-int8").models)  # 7B: lm_head int8 too
     assert d.stack.api.port == 8000 and d.stack.web.port == 7860
     assert d.stack.controller.host == "127.0.0.1"  # unauthenticated: loopback only by default
     assert d.profile_config.questions == "seed-en"
@@ -38,6 +40,16 @@ def test_bad_dtype_names_file_key_and_choices(tmp_path):
     edit(conf / "models" / "smollm2-135m.yaml", dtype="fp8")
     msg = load_error(conf)
     assert "smollm2-135m.yaml" in msg and "dtype" in msg and "'bfloat16' or 'float32'" in msg and "'fp8'" in msg
+
+
+def test_quant_lm_head_false_needs_quant_int8(tmp_path):
+    conf = make_conf(tmp_path)
+    edit(conf / "models" / "smollm2-135m.yaml", quant_lm_head=False)  # quant: none, the default
+    msg = load_error(conf)
+    assert "smollm2-135m.yaml: quant_lm_head: false has no effect without quant: int8" in msg
+    assert "remove quant_lm_head or set quant: int8" in msg
+    edit(conf / "models" / "smollm2-135m.yaml", quant="int8")
+    assert [m.quant_lm_head for m in config.load(conf).models] == [False, False]
 
 
 def test_misspelt_key_lists_the_allowed_ones(tmp_path):

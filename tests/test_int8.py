@@ -5,17 +5,27 @@ Speed is not tested here (the machine is shared); `python -m eval.bench direct` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from launch import native
 from launch.generate import Sampling, generate
-from launch import int8_linear
 from launch.int8_linear import DECODE_MAX_ROWS, Int8Embedding, Int8Linear, gemv_kernel
+from launch.quantize import (
+    MANIFEST,
+    QuantConfig,
+    QuantizeError,
+    cache_key,
+    ensure_int8,
+    load_int8,
+)
 from tests.conftest import ROOT
-from launch.quantize import MANIFEST, QuantConfig, QuantizeError, cache_key, ensure_int8, load_int8
 
 
 def smollm2() -> Path:
@@ -32,19 +42,29 @@ TINY_REL_TOL = 0.03
 SMOLLM2_REL_TOL = 0.15
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A random untied Llama small enough to quantize in seconds, with inner sizes that are
-    multiples of 16 (the decode kernel) and one that is not (the fallback path)."""
+def tiny_llama(folder: Path, tied: bool) -> Path:
+    """A random Llama small enough to quantize in seconds, with inner sizes that are multiples
+    of 16 (the decode kernel) and one that is not (the fallback path)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
-    path = tmp_path_factory.mktemp("tiny") / "bf16"
+    path = folder / "bf16"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory) -> Path:
+    """Tied like SmolLM2: lm_head is the embedding table, stored once."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny-tied"), tied=True)
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,6 +126,52 @@ def test_tiny_int8_logits_close_to_bf16(tiny, tmp_path):
     for ids in (long_ids, short_ids):
         err = rel_error(last_logits(q8, ids), last_logits(ref, ids))
         assert err < TINY_REL_TOL, f"int8 logits {err:.4f} from bf16 on {len(ids)} tokens"
+
+
+def stored_dtypes(folder: Path) -> dict[str, torch.dtype]:
+    dtypes = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            dtypes |= {name: f.get_tensor(name).dtype for name in f.keys()}
+    return dtypes
+
+
+@pytest.mark.parametrize("source", ["tiny", "tiny_tied"])
+def test_quant_lm_head_false_reaches_the_int8_folder(source, request, tmp_path):
+    """conf/models/NAME.yaml `quant_lm_head: false`, through launch.prepare as `make up` runs it:
+    lm_head and embeddings stay bf16, in another cache folder, and the worker's loader reads it."""
+    from launch.config import ModelConfig
+    from launch.prepare import prepare
+
+    src = request.getfixturevalue(source)
+    conf = {"name": "tiny-int8", "source": {"kind": "local", "path": str(src)}, "template": "smollm2", "quant": "int8"}
+    default = prepare(ModelConfig(**conf), tmp_path)
+    bf16_head = prepare(ModelConfig(**conf, quant_lm_head=False), tmp_path)
+    assert bf16_head.parent == default.parent == tmp_path / "models" / "tiny-int8"
+    assert bf16_head != default  # another cache key: switching the option never reuses the other folder
+
+    on, off = stored_dtypes(default), stored_dtypes(bf16_head)
+    assert on["model.embed_tokens.weight"] == torch.int8 and "model.embed_tokens.weight_scale" in on
+    assert off["model.embed_tokens.weight"] == torch.bfloat16 and "model.embed_tokens.weight_scale" not in off
+    assert off["model.layers.0.mlp.down_proj.weight"] == torch.int8  # the other linears are int8 either way
+    if source == "tiny_tied":
+        assert "lm_head.weight" not in off  # stored once, as the embedding
+    else:
+        assert on["lm_head.weight"] == torch.int8 and off["lm_head.weight"] == torch.bfloat16
+    manifest = json.loads((bf16_head / MANIFEST).read_text())
+    assert (manifest["config"]["lm_head"], manifest["config"]["embeddings"]) == (False, False)
+
+    model = load_int8(bf16_head)
+    head, emb = model.lm_head, model.model.embed_tokens
+    assert type(head) is nn.Linear and head.weight.dtype == torch.bfloat16 and not head.weight.is_meta
+    assert type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
+    if source == "tiny_tied":
+        assert head.weight.data_ptr() == emb.weight.data_ptr()  # one copy in memory, as in bf16
+    assert isinstance(load_int8(default).lm_head, Int8Linear)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    ids = [7, 9, 11]
+    assert rel_error(last_logits(model, ids), last_logits(ref, ids)) < TINY_REL_TOL
 
 
 def test_both_kernels_compute_the_same_linear():
@@ -248,11 +314,11 @@ def test_decode_and_prefill_paths_agree_with_the_fallback():
 
 
 def test_without_a_compiler_the_kernel_falls_back_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(int8_linear.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     with caplog.at_level("WARNING", logger="launch.int8_linear"):
         assert gemv_kernel.__wrapped__() is None
-    assert "no C++ compiler" in caplog.text and "_weight_int8pack_mm" in caplog.text
+    assert "no C++ compiler" in caplog.text and "_weight_int8pack_mm" in caplog.text and "llmd_int8_gemv" in caplog.text
 
 
 def test_int8_embedding_rows():

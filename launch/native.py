@@ -1,0 +1,55 @@
+"""Builds the small AVX-512 C++ kernels (int8 matmul, decode attention) on first use.
+
+    module = native.load("llmd_int8_gemv", SOURCE, ["int8_gemv"], fallback="_weight_int8pack_mm")
+
+Compiled with g++ through torch.utils.cpp_extension into torch's extension directory
+($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions: ~30 s once per source version; the
+directory's lock file serialises workers that build at the same time). Returns None, after a
+warning that names the slower path used instead, when this machine cannot build or run them: a
+kernel is a speed-up, never a reason for a model not to serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"]
+
+
+def load(name: str, source: str, functions: list[str], fallback: str, env: str, logger: logging.Logger = log) -> ModuleType | None:
+    """The compiled extension, or None (then the caller runs `fallback`); `env`=0 turns it off."""
+    if os.environ.get(env, "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        logger.warning("%s: this CPU has no AVX-512 (torch reports %s); using the slower %s",
+                       name, torch.backends.cpu.get_cpu_capability(), fallback)
+        return None
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        logger.warning("%s: no C++ compiler (%r not found; install g++) to build the kernel; using the slower %s",
+                       name, cxx, fallback)
+        return None
+    from torch.utils.cpp_extension import load_inline
+
+    # torch runs `ninja` from PATH; the venv's own (the `ninja` package) is on it only when the
+    # venv is activated, which supervisor's programs are not.
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+    logger.info("%s: loading the kernel (compiled with %s on first use, ~30 s)", name, cxx)
+    try:
+        # -fopenmp: at::parallel_for's OpenMP pragma; torch's own libgomp is already loaded.
+        return load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=CFLAGS,
+                           extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 - a broken toolchain must not stop the model from serving
+        logger.warning("%s: building the kernel failed (%s: %s); using the slower %s",
+                       name, type(e).__name__, str(e).strip()[-500:], fallback)
+        return None
