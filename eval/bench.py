@@ -214,7 +214,7 @@ def speed(model: PreTrainedModel, new_tokens: int, prefill_tokens: int, runs: in
     prefill = []
     for _ in range(runs):
         started = time.perf_counter()
-        model(input_ids=long, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        model(input_ids=long, past_key_values=kv_cache.new_cache(model.config), use_cache=True, logits_to_keep=1)
         prefill.append(time.perf_counter() - started)
     return {"decode_tok_s": round(sorted(rates)[runs // 2], 2), "decode_tok_s_each": [round(x, 2) for x in rates],
             "decode_median_tok_s": round(1 / sorted(steps)[len(steps) // 2], 2),
@@ -241,7 +241,7 @@ def weight_bytes_per_token(model: PreTrainedModel) -> int:
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 8) -> float:
     """Best observed bytes/s of a multi-threaded reduction over a buffer far larger than cache."""
-    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    buf = torch.rand(int(gib * (1 << 30)) // 4)  # random, so no page can be shared with another
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -295,44 +295,51 @@ def quality(src: Path, cache_root: Path, answer_tokens: int = 64) -> dict:
     """int8 vs bf16 teacher-forced on bf16's own greedy answers to the English seed questions.
 
     Both execution paths of the int8 model are scored: the whole sequence in one forward
-    (the prefill kernel) and token by token on a KV cache (the decode kernel). The bf16
-    decode-vs-prefill agreement is the noise floor: bf16 disagrees with itself that often."""
+    (the prefill kernel) and token by token on a KV cache (the decode kernel), for both
+    choices of `quant_lm_head` (a model's conf picks one). The bf16 decode-vs-prefill agreement
+    is the noise floor: bf16 disagrees with itself that often."""
     from transformers import AutoTokenizer
 
     from eval.questions import load_question_set
 
     tok = AutoTokenizer.from_pretrained(src)
     ref = attention.use(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())
-    int8_dir, _ = ensure_int8(src, cache_root / "int8", QuantConfig())
-    q8 = attention.use(load_int8(int8_dir))
-    seqs, answers = [], {}
+    greedy = Sampling(max_new_tokens=answer_tokens, temperature=0)
+    prompts, bf16_answers = [], []
     for q in load_question_set(QUALITY_PROMPTS_FILE).questions:
         ids = tok.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, return_dict=True)["input_ids"]
-        greedy = Sampling(max_new_tokens=answer_tokens, temperature=0)
-        bf = list(generate(ref, ids, greedy))
-        i8 = list(generate(q8, ids, greedy))
-        answers[q.id] = {"bf16": tok.decode(bf), "int8": tok.decode(i8), "same": bf == i8}
-        seqs.append((torch.tensor([ids + bf]), len(ids)))
+        prompts.append((q.id, ids))
+        bf16_answers.append(list(generate(ref, ids, greedy)))
+    seqs = [(torch.tensor([ids + answer]), len(ids)) for (_, ids), answer in zip(prompts, bf16_answers)]
 
     def whole(m):
         return lambda s: m(input_ids=s).logits[0].float()
 
     def stepwise(m):
         def run(s):
-            cache = DynamicCache(config=m.config)
+            cache = kv_cache.new_cache(m.config)
             return torch.cat([m(input_ids=s[:, i : i + 1], past_key_values=cache, use_cache=True).logits[0].float()
                               for i in range(s.shape[1])])
         return run
 
     reference = [whole(ref)(s) for s, _ in seqs]
-    return {
-        "tokens": sum(s.shape[1] - p for s, p in seqs),
-        "int8_prefill_path": agreement(reference, seqs, whole(q8)),
-        "int8_decode_path": agreement(reference, seqs, stepwise(q8)),
-        "bf16_decode_path_noise_floor": agreement(reference, seqs, stepwise(ref)),
-        "greedy_answers_identical": f"{sum(a['same'] for a in answers.values())}/{len(answers)}",
-        "answers": answers,
-    }
+    out = {"tokens": sum(s.shape[1] - p for s, p in seqs),
+           "bf16_decode_path_noise_floor": agreement(reference, seqs, stepwise(ref)), "variants": {}}
+    for name, config in (("quant_lm_head: true (int8 lm_head and embeddings)", QuantConfig()),
+                         ("quant_lm_head: false (bf16 lm_head and embeddings)", QuantConfig(lm_head=False, embeddings=False))):
+        q8 = attention.use(load_int8(ensure_int8(src, cache_root / "int8", config)[0]))
+        answers = {}
+        for (qid, ids), bf in zip(prompts, bf16_answers):
+            i8 = list(generate(q8, ids, greedy))
+            answers[qid] = {"bf16": tok.decode(bf), "int8": tok.decode(i8), "same": bf == i8}
+        out["variants"][name] = {
+            "int8_prefill_path": agreement(reference, seqs, whole(q8)),
+            "int8_decode_path": agreement(reference, seqs, stepwise(q8)),
+            "greedy_answers_identical": f"{sum(a['same'] for a in answers.values())}/{len(answers)}",
+            "answers": answers,
+        }
+        del q8
+    return out
 
 
 def agreement(reference: list[torch.Tensor], seqs: list, logits_of: Callable) -> dict:
@@ -360,10 +367,13 @@ def print_table(results: dict) -> None:
         print(f"| {spec} | int8/bf16 | | {r['int8_vs_bf16_decode']}x | | | | {r['int8_vs_bf16_prefill_time']}x time |")
     if "quality" in results:
         q = results["quality"]
-        print(f"\nquality over {q['tokens']} answer tokens: int8 prefill path {q['int8_prefill_path']}, "
-              f"int8 decode path {q['int8_decode_path']}, bf16 noise floor {q['bf16_decode_path_noise_floor']}, "
-              f"greedy answers identical {q['greedy_answers_identical']}")
-
+        print(f"\nquality over {q['tokens']} answer tokens (bf16 decode vs prefill path, the noise floor: "
+              f"{q['bf16_decode_path_noise_floor']})")
+        print("| int8 variant | prefill path top-1 (mean KL) | decode path top-1 (mean KL) | greedy answers identical |")
+        print("| --- | --- | --- | --- |")
+        for name, v in q["variants"].items():
+            a, b = v["int8_prefill_path"], v["int8_decode_path"]
+            print(f"| {name} | {a['top1']:.2%} ({a['mean_kl']}) | {b['top1']:.2%} ({b['mean_kl']}) | {v['greedy_answers_identical']} |")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,6 +46,8 @@ def use(model: PreTrainedModel) -> PreTrainedModel:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as SDPA (None when causal suffices)
     assert NAME in ALL_MASK_ATTENTION_FUNCTIONS
     model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:  # transformers only warns when a class cannot switch
+        log.warning("%s cannot use attention %r; decoding with %s", type(model).__name__, NAME, model.config._attn_implementation)
     decode_kernel()  # built (or loaded from the cache) with the model, not in its first request
     return model
 
@@ -54,17 +56,21 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               **kwargs) -> tuple[torch.Tensor, None]:
     """query [b, heads, q, d], key/value [b, kv_heads, k, d] -> ([b, q, heads, d], None)."""
-    if _one_query(module, query, key, attention_mask, kwargs) and (kernel := decode_kernel()) is not None:
+    if _one_query(module, query, key, value, attention_mask, kwargs) and (kernel := decode_kernel()) is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return kernel.decode_attention(query, key, value, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _one_query(module, query, key, attention_mask, kwargs) -> bool:
-    return (query.shape[2] == 1 and attention_mask is None and not module.training
-            and query.dtype == key.dtype == torch.bfloat16 and query.shape[-1] in (64, 128)
-            and query.shape[1] % key.shape[1] == 0 and key.stride(-1) == 1
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None)
+def _one_query(module, query, key, value, attention_mask, kwargs) -> bool:
+    """What the kernel computes exactly; anything else (and anything that needs gradients, a
+    paged cache or a mask) goes to SDPA."""
+    return (query.shape[2] == 1 and attention_mask is None and not module.training and not torch.is_grad_enabled()
+            and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
+            and query.dim() == key.dim() == 4 and key.shape == value.shape and query.shape[0] == key.shape[0]
+            and query.shape[-1] == key.shape[-1] and query.shape[-1] in (64, 128) and key.shape[2] >= 1
+            and query.shape[1] % key.shape[1] == 0 and key.stride(-1) == value.stride(-1) == 1
+            and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "cache")))
 
 
 @functools.cache
@@ -89,7 +95,8 @@ _SOURCE = r"""
 static inline __m512 bf16_to_fp32(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-static inline __m512 exp512(__m512 x) {  // e^x for x <= 0, relative error ~1e-7
+static inline __m512 exp512(__m512 x) {  // e^x for x <= 0, relative error ~1e-7; 0 below -87
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -101,7 +108,7 @@ static inline __m512 exp512(__m512 x) {  // e^x for x <= 0, relative error ~1e-7
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
 template <int D>
@@ -123,7 +130,7 @@ static void one_task(const at::BFloat16* q, int64_t G, const at::BFloat16* k, co
     }
   }
   std::vector<float> acc(G * D, 0.f);
-  for (int64_t g = 0; g < G; ++g) {  // softmax; the padding (-inf) adds exp(-87) ~ 1e-38 at most 15 times
+  for (int64_t g = 0; g < G; ++g) {  // softmax; the padding (-inf) becomes 0
     float* sg = &s[g * Lp];
     __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t l = 0; l < Lp; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + l));

@@ -17,8 +17,9 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
-# Tokens of spare room a buffer gets when it is (re)allocated: a copy of the cache every STEP
-# tokens, at most STEP tokens of memory unused per layer.
+# Spare room a buffer gets when it is (re)allocated: STEP tokens or an eighth of the cache,
+# whichever is more, so a long context is copied every 1/8 of its length (amortised), and at most
+# that much memory is unused.
 STEP = 256
 
 
@@ -30,7 +31,11 @@ def new_cache(config: PretrainedConfig) -> DynamicCache:
 
 
 class GrowingLayer(DynamicLayer):
-    """DynamicLayer whose keys and values are views of buffers with spare room."""
+    """DynamicLayer whose keys and values are views of buffers with spare room.
+
+    For inference (it writes in place, which autograd would refuse). Views handed out earlier
+    stay valid as tokens are appended; after `crop`, the next tokens overwrite the cropped slots,
+    so a view taken before a crop shows them."""
 
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
@@ -51,7 +56,7 @@ def _append(cached: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None
     # (transformers' own methods) left in its place: reuse the buffer only if it still holds it.
     ours = buffer is not None and length > 0 and cached.data_ptr() == buffer.data_ptr() and cached.shape[:-2] == buffer.shape[:-2]
     if not ours or needed > buffer.shape[-2]:
-        grown = new.new_empty(*new.shape[:-2], needed + STEP, new.shape[-1])
+        grown = new.new_empty(*new.shape[:-2], needed + max(STEP, needed // 8), new.shape[-1])
         if length:
             grown[..., :length, :] = cached
         buffer = grown

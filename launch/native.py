@@ -1,6 +1,6 @@
 """Builds the small AVX-512 C++ kernels (int8 matmul, decode attention) on first use.
 
-    module = native.load("llmd_int8_gemv", SOURCE, ["int8_gemv"], fallback="_weight_int8pack_mm")
+    module = native.load("llmd_int8_gemv", SOURCE, ["int8_gemv"], fallback="_weight_int8pack_mm", env="LLMD_INT8_GEMV")
 
 Compiled with g++ through torch.utils.cpp_extension into torch's extension directory
 ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions: ~30 s once per source version; the
@@ -11,10 +11,12 @@ kernel is a speed-up, never a reason for a model not to serve.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
+import time
 from types import ModuleType
 
 import torch
@@ -45,6 +47,7 @@ def load(name: str, source: str, functions: list[str], fallback: str, env: str, 
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     logger.info("%s: loading the kernel (compiled with %s on first use, ~30 s)", name, cxx)
+    _remove_stale_lock(name, logger)
     try:
         # -fopenmp: at::parallel_for's OpenMP pragma; torch's own libgomp is already loaded.
         return load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=CFLAGS,
@@ -53,3 +56,22 @@ def load(name: str, source: str, functions: list[str], fallback: str, env: str, 
         logger.warning("%s: building the kernel failed (%s: %s); using the slower %s",
                        name, type(e).__name__, str(e).strip()[-500:], fallback)
         return None
+
+
+# A build takes ~30 s; a lock older than this was left by a build that was killed (torch waits
+# for such a lock forever, and so would every worker starting after it).
+STALE_LOCK_S = 600
+
+
+def _remove_stale_lock(name: str, logger: logging.Logger) -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        lock = os.path.join(_get_build_directory(name, False), "lock")
+        age = time.time() - os.stat(lock).st_mtime
+    except OSError:  # no lock: the usual case
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("%s: removing a build lock left %.0f s ago by a build that did not finish (%s)", name, age, lock)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)

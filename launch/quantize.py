@@ -43,6 +43,10 @@ MANIFEST = "quantization.json"
 FORMAT = "llmd-int8"
 FORMAT_VERSION = 1  # bump when the folder layout changes: old caches then miss, never misload
 SHARD_BYTES = 1 << 30
+# A weight larger than this in float32 (Qwen-7B's 151936x4096 lm_head and embeddings: 2.5 GB
+# each) is quantized a slice of rows at a time, with the same result (one scale per row): whole,
+# INC's copies of it took the first quantization of Qwen-7B-Chat to 21.7 GiB peak RSS (17.1 now).
+CHUNK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -195,23 +199,34 @@ def _quantize_into(src_dir: Path, out: Path, config: QuantConfig, key: str) -> d
     writer = _ShardWriter(out)
     done: set[str] = set()
     groups = _groups(targets)
+    def rtn_int8(weights: list[torch.Tensor], name: str) -> list[dict[str, torch.Tensor]]:
+        if not weights:
+            return []
+        block = nn.Module()
+        for i, w in enumerate(weights):
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            lin.weight = nn.Parameter(w.float(), requires_grad=False)  # scales from exact values
+            block.add_module(f"l{i}", lin)
+        # use_optimum_format=False keeps signed int8 with float32 scales (the optimum
+        # layout shifts to uint8 and rounds scales to float16).
+        block = convert(prepare(block, rtn), use_optimum_format=False)
+        return [_int8_from_inc(getattr(block, f"l{i}"), name) for i in range(len(weights))]
+
     with safe_open_all(index) as get:
         for group in tqdm(groups, desc=f"int8 {src_dir.name}", unit="block"):
-            block = nn.Module()
-            for i, name in enumerate(group):
-                w = get(f"{name}.weight").float()  # scales from exact values, not bf16 arithmetic
-                lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-                lin.weight = nn.Parameter(w, requires_grad=False)
-                block.add_module(f"l{i}", lin)
-            # use_optimum_format=False keeps signed int8 with float32 scales (the optimum
-            # layout shifts to uint8 and rounds scales to float16).
-            block = convert(prepare(block, rtn), use_optimum_format=False)
-            for i, name in enumerate(group):
-                q = _int8_from_inc(getattr(block, f"l{i}"), name)
+            small = [name for name in group if 4 * skeleton.get_submodule(name).weight.numel() <= CHUNK_BYTES]
+            results = dict(zip(small, rtn_int8([get(f"{name}.weight") for name in small], str(small))))
+            for name in group:
+                if name not in results:  # over CHUNK_BYTES (vocabularies, GLM's gate_up): per-row scales
+                    w = get(f"{name}.weight")
+                    rows = max(1, CHUNK_BYTES // (4 * w.shape[1]))
+                    parts = [rtn_int8([w[r : r + rows]], name)[0] for r in range(0, w.shape[0], rows)]
+                    results[name] = {k: torch.cat([part[k] for part in parts]) for k in ("int_weight", "scales")}
+            for name in group:
+                q = results.pop(name)
                 writer.add(f"{name}.weight", q["int_weight"])
                 writer.add(f"{name}.weight_scale", q["scales"].reshape(-1).float())
                 done.add(f"{name}.weight")
-            del block
         for name in index:
             if name not in done:
                 t = get(name)

@@ -162,3 +162,14 @@ def demo_stack(tmp_path_factory) -> Stack:
         stack.deploy("down", check=False)
         psutil.wait_procs(procs, timeout=30)
         assert gone(procs), f"left running after down: {procs}"
+
+
+def can_build_kernels() -> bool:
+    """AVX-512 and a C++ compiler: then launch/native.py must build the kernels (a test fails
+    if it does not), otherwise their tests are skipped and the slower paths serve."""
+    import os
+    import shutil
+
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and shutil.which(os.environ.get("CXX", "c++")) is not None

@@ -23,3 +23,41 @@ def test_gateway_bench_runs_against_the_demo_stack(demo_stack, tmp_path):
     assert result["load"]["errors"] == 0 and result["load"]["requests"] >= 2
     assert result["load"]["completion_tokens"] > 0
     assert "gateway/direct tokens/s at concurrency 1" in done.stdout
+
+
+def _tiny_qwen2(folder):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2", hidden_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=64,
+                                  num_key_value_heads=2, intermediate_size=256, vocab_size=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def _bench(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "eval.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_direct_bench_reports_both_dtypes_and_the_bound(tmp_path):
+    model = _tiny_qwen2(tmp_path / "bf16")
+    out = tmp_path / "direct.json"
+    _bench("direct", "--model", str(model), "--new-tokens", "4", "--prefill-tokens", "16",
+           "--cache-root", str(tmp_path / "cache"), "--json", str(out))
+    r = json.loads(out.read_text())["models"][str(model)]
+    for kind in ("bfloat16", "int8"):
+        assert len(r[kind]["decode_tok_s_each"]) == 3 and len(r[kind]["read_GBps_each"]) == 3
+        assert r[kind]["decode_tok_s"] in r[kind]["decode_tok_s_each"]  # the median run
+        assert 0 < r[kind]["of_bound"] and r[kind]["prefill_s"] == min(r[kind]["prefill_s_each"])
+    assert r["int8_vs_bf16_decode"] > 0 and r["quantized_now"] is True
+
+
+def test_attention_and_context_benches_print_their_tables(tmp_path):
+    text = _bench("attention", "--context", "8")
+    assert "| 32 | 8 |" in text and "| 2 | 8 |" in text
+    text = _bench("context", "--model", str(_tiny_qwen2(tmp_path / "bf16")), "--context", "16", "--context", "40")
+    rows = [line for line in text.splitlines() if line.startswith(("| 16 |", "| 40 |"))]
+    assert len(rows) == 2 and all(line.count("/") == 2 for line in rows)  # two rounds of each implementation

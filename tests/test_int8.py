@@ -25,7 +25,7 @@ from launch.quantize import (
     ensure_int8,
     load_int8,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, can_build_kernels
 
 
 def smollm2() -> Path:
@@ -227,10 +227,12 @@ def test_the_converters_own_record_does_not_change_the_key(tiny):
 
 # --- the compiled kernels, against a float64 reference ------------------------------------------
 
-needs_kernel = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX512" or gemv_kernel() is None,
-    reason="the compiled int8 kernels need AVX-512 and a C++ compiler",
-)
+needs_kernel = pytest.mark.skipif(not can_build_kernels(), reason="the compiled int8 kernels need AVX-512 and a C++ compiler")
+
+
+@needs_kernel
+def test_the_int8_kernels_build_here():
+    assert gemv_kernel() is not None  # a build error would otherwise only be a warning and a slower path
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -327,3 +329,32 @@ def test_int8_embedding_rows():
     ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
     expected = (w[ids].float() * scale[ids][..., None]).bfloat16()  # exact product, one rounding
     assert torch.equal(emb(ids), expected)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_tied"])
+def test_large_weights_quantized_in_row_slices_give_the_same_folder(model, request, tmp_path, monkeypatch):
+    """Weights over CHUNK_BYTES in float32 (here the 512x64 lm_head and embeddings and the 136x64
+    MLPs; in the 7B models the vocabularies) are quantized a slice of rows at a time: one scale
+    per row makes that exact."""
+    from safetensors.torch import load_file
+
+    from launch import quantize
+
+    src = request.getfixturevalue(model)
+    whole, _ = ensure_int8(src, tmp_path / "whole", QuantConfig())
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 4 * 64 * 100)  # 100 rows: 6 slices, the last short
+    import neural_compressor.torch.quantization as inc
+
+    converted = []  # INC convert() calls: one per block, plus one per slice of a large weight
+    real_convert = inc.convert
+    monkeypatch.setattr(inc, "convert", lambda *a, **kw: converted.append(1) or real_convert(*a, **kw))
+    sliced, _ = ensure_int8(src, tmp_path / "sliced", QuantConfig())
+    assert len(converted) >= 6 + 6  # lm_head and embeddings in 6 slices each at least
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = tensors(whole), tensors(sliced)
+    assert a.keys() == b.keys() and "model.embed_tokens.weight_scale" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -69,3 +69,24 @@ def test_generation_is_unchanged(kind, monkeypatch):
     got = list(generate(model, prompt, greedy))
     monkeypatch.setattr("launch.generate.new_cache", lambda config: DynamicCache(config=config))
     assert got == list(generate(model, prompt, greedy))
+
+
+def test_views_handed_out_earlier_stay_valid():
+    g = torch.Generator().manual_seed(5)
+    layer = kv_cache.GrowingLayer()
+    keys, _ = layer.update(*_states(g, 12))
+    kept = keys.clone()
+    for _ in range(kv_cache.STEP + 3):  # appends within the room, then a growth
+        layer.update(*_states(g, 1))
+    assert torch.equal(keys, kept)
+
+
+def test_batch_select_keeps_the_chosen_row():
+    g = torch.Generator().manual_seed(6)
+    layer, ref = kv_cache.GrowingLayer(), kv_cache.DynamicLayer()
+    k, v = torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
+    layer.update(k, v), ref.update(k, v)
+    layer.batch_select_indices(torch.tensor([2])), ref.batch_select_indices(torch.tensor([2]))
+    k, v = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
+    got, want = layer.update(k, v), ref.update(k, v)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
