@@ -43,10 +43,12 @@ log = logging.getLogger(__name__)
 # Up to this many rows the GEMV kernel is used (at 8 rows it is about as fast as bf16, the
 # widened GEMM ~1.5x slower; from 16 rows the widened GEMM wins).
 DECODE_MAX_ROWS = 8
-# Output channels widened to bf16 at once on the prefill path: the compiled path widens 8 MiB
-# of bf16 at a time into one reused buffer (1024 rows at K=4096; 2048 rows at K=13696 was 14%
-# slower than 256-1024), the pure-PyTorch fallback 2048 rows (16 MiB at K=4096).
-PREFILL_BLOCK_BYTES = 8 << 20
+# Output channels widened to bf16 at once on the prefill path: the compiled path widens 24 MiB
+# of bf16 at a time into one reused buffer (3072 rows at K=4096). Interleaved A/B, 512 rows, the
+# 7B shapes: 24 MiB 1.09-1.15x bf16's time, 16 MiB 1.15-1.17x, 8 MiB 1.15-1.21x; 32 MiB as good on
+# some shapes but 1.30x on 4096x4096 (the whole matrix in one block). The pure-PyTorch fallback
+# widens 2048 rows (16 MiB at K=4096).
+PREFILL_BLOCK_BYTES = 24 << 20
 PREFILL_BLOCK = 2048
 # `_weight_int8pack_mm` (the fallback decode kernel) crashes the process (SIGSEGV, torch 2.13)
 # for some inner sizes that are not multiples of 16, e.g. 24 or 136, and for weights not
