@@ -70,6 +70,7 @@ def install(keys: set[str], expected_models: set[str] = frozenset()) -> None:
     server.check_model = check_model
     server.check_requests = check_requests
     server.get_worker_address = get_worker_address
+    server.fetch_remote = fetch_remote
     server.generate_completion_stream = generate_completion_stream
     server.generate_completion = generate_completion
     app.exception_handlers[RequestValidationError] = invalid_request
@@ -162,6 +163,10 @@ async def get_worker_address(model_name: str) -> str:
 
 _fastchat_stream = server.generate_completion_stream
 _fastchat_generate = server.generate_completion
+_fastchat_fetch = server.fetch_remote
+# What FastChat asks a worker before generating. The answers are the same on every replica of a
+# model, so a worker that does not answer is replaced by another one, as for generation.
+WORKER_QUERIES = {"model_details", "count_token", "worker_get_conv_template"}
 RETRYABLE = {ErrorCode.ENGINE_OVERLOADED, ErrorCode.CONTROLLER_NO_WORKER}
 # Seconds without a chunk from a worker before asking the controller whether it still has it.
 WATCH_INTERVAL = 3.0
@@ -169,6 +174,24 @@ WATCH_INTERVAL = 3.0
 
 class WorkerLost(ConnectionError):
     """The controller dropped the worker we wait for: it stopped answering its probes."""
+
+
+async def fetch_remote(url: str, pload: dict | None = None, name: str | None = None):
+    """FastChat's JSON call; a query to a worker (context length, token count, template) that
+    fails or hangs is asked of another replica. FastChat's own let the connection error through
+    as a 500, or waited for a worker behind a cut link until the client gave up (seen in
+    tests/test_multi_host.py)."""
+    worker_addr, _, path = url.rpartition("/")
+    if path not in WORKER_QUERIES or not isinstance(pload, dict) or "model" not in pload:
+        return await _fastchat_fetch(url, pload, name)
+    for attempt in (1, 2):
+        try:
+            return await _until_lost(_fastchat_fetch(f"{worker_addr}/{path}", pload, name), worker_addr)
+        except (aiohttp.ClientError, OSError) as e:  # WorkerLost is an OSError
+            if attempt == 2:
+                raise NoWorker(f"no worker of model '{pload['model']}' answered; try again shortly") from None
+            log.warning("worker %s did not answer /%s (%r): asking another replica", worker_addr, path, e)
+            worker_addr = await _another_worker(pload["model"], worker_addr)
 
 
 async def generate_completion_stream(payload: dict, worker_addr: str):
