@@ -114,19 +114,19 @@ def run_attention(args: argparse.Namespace) -> int:
             k, v = torch.randn(2, 1, kv_heads, length, 128, dtype=torch.bfloat16)
             room = torch.randn(2, 1, kv_heads, length + kv_cache.STEP, 128, dtype=torch.bfloat16)
             kr, vr = room[0, :, :, :length], room[1, :, :, :length]
-            sdpa = _median_us(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=128**-0.5))
-            ours = _median_us(lambda: attention.attention(module, q, kr, vr, None, scaling=128**-0.5))
+            sdpa = _median_s(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=128**-0.5)) * 1e6
+            ours = _median_s(lambda: attention.attention(module, q, kr, vr, None, scaling=128**-0.5)) * 1e6
             print(f"| {kv_heads} | {length} | {sdpa:.0f} | {ours:.0f} |")
     return 0
 
 
 @torch.inference_mode()
 def run_context(args: argparse.Namespace) -> int:
-    """Median of 6 decode steps with the cache already holding N tokens (random keys and values:
+    """Median of 7 decode steps with the cache already holding N tokens (random keys and values:
     a step's cost does not depend on them), alternating the two implementations twice."""
     torch.set_num_threads(args.threads)
+    model = _load(args.model)
     int8 = (args.model / MANIFEST).is_file()
-    model = load_int8(args.model) if int8 else AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     config = model.config
     kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -144,25 +144,28 @@ def run_context(args: argparse.Namespace) -> int:
             g = torch.Generator().manual_seed(0)
             for layer in cache.layers:
                 layer.update(*torch.randn(2, 1, kv_heads, length, head_dim, generator=g, dtype=torch.bfloat16))
-            steps = []
-            for _ in range(6):
-                started = time.perf_counter()
-                model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
-                steps.append(time.perf_counter() - started)
-            times[name].append(sorted(steps)[3] * 1e3)
+            token = torch.tensor([[5]])
+            times[name].append(_median_s(lambda c=cache: model(input_ids=token, past_key_values=c, use_cache=True), 7) * 1e3)
             del cache
         print(f"| {length} | {' / '.join(f'{t:.0f}' for t in times['transformers'])} | "
               f"{' / '.join(f'{t:.0f}' for t in times['stack'])} |", flush=True)
     return 0
 
 
-def _median_us(f: Callable, repeats: int = 51) -> float:
+def _median_s(f: Callable, repeats: int = 51) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         f()
         times.append(time.perf_counter() - started)
-    return sorted(times)[repeats // 2] * 1e6
+    return sorted(times)[repeats // 2]
+
+
+def _load(folder: Path) -> PreTrainedModel:
+    """An int8 folder (launch.quantize) or a bf16 one, with the attention the workers use."""
+    if (folder / MANIFEST).is_file():
+        return attention.use(load_int8(folder))
+    return attention.use(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval())
 
 
 def bench_model(src: Path, args: argparse.Namespace) -> dict:
@@ -170,7 +173,7 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
     int8_dir, made = ensure_int8(src, args.cache_root / "int8", QuantConfig())
     for kind in ("bfloat16", "int8"):
         started = time.perf_counter()
-        model = attention.use(load_int8(int8_dir) if kind == "int8" else AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())
+        model = _load(int8_dir if kind == "int8" else src)
         load_s = time.perf_counter() - started
         r = {"load_s": round(load_s, 2), "weight_bytes_per_token": weight_bytes_per_token(model)}
         # The bandwidth is read before, between and after the timed runs (the same neighbours on
@@ -303,7 +306,7 @@ def quality(src: Path, cache_root: Path, answer_tokens: int = 64) -> dict:
     from eval.questions import load_question_set
 
     tok = AutoTokenizer.from_pretrained(src)
-    ref = attention.use(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())
+    ref = _load(src)
     greedy = Sampling(max_new_tokens=answer_tokens, temperature=0)
     prompts, bf16_answers = [], []
     for q in load_question_set(QUALITY_PROMPTS_FILE).questions:
@@ -327,7 +330,7 @@ def quality(src: Path, cache_root: Path, answer_tokens: int = 64) -> dict:
            "bf16_decode_path_noise_floor": agreement(reference, seqs, stepwise(ref)), "variants": {}}
     for name, config in (("quant_lm_head: true (int8 lm_head and embeddings)", QuantConfig()),
                          ("quant_lm_head: false (bf16 lm_head and embeddings)", QuantConfig(lm_head=False, embeddings=False))):
-        q8 = attention.use(load_int8(ensure_int8(src, cache_root / "int8", config)[0]))
+        q8 = _load(ensure_int8(src, cache_root / "int8", config)[0])
         answers = {}
         for (qid, ids), bf in zip(prompts, bf16_answers):
             i8 = list(generate(q8, ids, greedy))

@@ -48,7 +48,8 @@ def use(model: PreTrainedModel) -> PreTrainedModel:
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:  # transformers only warns when a class cannot switch
         log.warning("%s cannot use attention %r; decoding with %s", type(model).__name__, NAME, model.config._attn_implementation)
-    decode_kernel()  # built (or loaded from the cache) with the model, not in its first request
+    if model.dtype == torch.bfloat16:  # the only dtype the kernel runs
+        decode_kernel()  # built (or loaded from the cache) with the model, not in its first request
     return model
 
 

@@ -30,14 +30,8 @@ def load(name: str, source: str, functions: list[str], fallback: str, env: str, 
     """The compiled extension, or None (then the caller runs `fallback`); `env`=0 turns it off."""
     if os.environ.get(env, "1") == "0":
         return None
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        logger.warning("%s: this CPU has no AVX-512 (torch reports %s); using the slower %s",
-                       name, torch.backends.cpu.get_cpu_capability(), fallback)
-        return None
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        logger.warning("%s: no C++ compiler (%r not found; install g++) to build the kernel; using the slower %s",
-                       name, cxx, fallback)
+    if (missing := cannot_build()) is not None:
+        logger.warning("%s: %s; using the slower %s", name, missing, fallback)
         return None
     from torch.utils.cpp_extension import load_inline
 
@@ -46,7 +40,7 @@ def load(name: str, source: str, functions: list[str], fallback: str, env: str, 
     bindir = os.path.dirname(sys.executable)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
-    logger.info("%s: loading the kernel (compiled with %s on first use, ~30 s)", name, cxx)
+    logger.info("%s: loading the kernel (compiled with %s on first use, ~30 s)", name, _compiler())
     _remove_stale_lock(name, logger)
     try:
         # -fopenmp: at::parallel_for's OpenMP pragma; torch's own libgomp is already loaded.
@@ -56,6 +50,19 @@ def load(name: str, source: str, functions: list[str], fallback: str, env: str, 
         logger.warning("%s: building the kernel failed (%s: %s); using the slower %s",
                        name, type(e).__name__, str(e).strip()[-500:], fallback)
         return None
+
+
+def cannot_build() -> str | None:
+    """Why the kernels cannot be built and run here, or None when they can."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return f"this CPU has no AVX-512 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    if shutil.which(_compiler()) is None:
+        return f"no C++ compiler ({_compiler()!r} not found; install g++) to build the kernel"
+    return None
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
 
 
 # A build takes ~30 s; a lock older than this was left by a build that was killed (torch waits

@@ -199,33 +199,40 @@ def _quantize_into(src_dir: Path, out: Path, config: QuantConfig, key: str) -> d
     writer = _ShardWriter(out)
     done: set[str] = set()
     groups = _groups(targets)
-    def rtn_int8(weights: list[torch.Tensor], name: str) -> list[dict[str, torch.Tensor]]:
-        if not weights:
-            return []
+
+    def rtn_int8(batch: list[tuple[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """One INC call for (name, 2-D weight) pairs: int8 weights and per-row scales."""
         block = nn.Module()
-        for i, w in enumerate(weights):
+        for i, (_, w) in enumerate(batch):
             lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
             lin.weight = nn.Parameter(w.float(), requires_grad=False)  # scales from exact values
             block.add_module(f"l{i}", lin)
         # use_optimum_format=False keeps signed int8 with float32 scales (the optimum
         # layout shifts to uint8 and rounds scales to float16).
         block = convert(prepare(block, rtn), use_optimum_format=False)
-        return [_int8_from_inc(getattr(block, f"l{i}"), name) for i in range(len(weights))]
+        return [_int8_from_inc(getattr(block, f"l{i}"), name) for i, (name, _) in enumerate(batch)]
 
     with safe_open_all(index) as get:
         for group in tqdm(groups, desc=f"int8 {src_dir.name}", unit="block"):
-            small = [name for name in group if 4 * skeleton.get_submodule(name).weight.numel() <= CHUNK_BYTES]
-            results = dict(zip(small, rtn_int8([get(f"{name}.weight") for name in small], str(small))))
+            # Slices of rows, at most CHUNK_BYTES of float32 per INC call (one scale per row:
+            # the same result as whole weights).
+            parts: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in group}
+            batches: list[list[tuple[str, torch.Tensor]]] = [[]]
+            size = 0
+            for name, rows in _row_slices(group, get):
+                if batches[-1] and size + 4 * rows.numel() > CHUNK_BYTES:
+                    batches.append([])
+                    size = 0
+                batches[-1].append((name, rows))
+                size += 4 * rows.numel()
+            for batch in batches:  # the slices are views: only one batch is widened at a time
+                for (name, _), q in zip(batch, rtn_int8(batch)):
+                    parts[name].append(q)
             for name in group:
-                if name not in results:  # over CHUNK_BYTES (vocabularies, GLM's gate_up): per-row scales
-                    w = get(f"{name}.weight")
-                    rows = max(1, CHUNK_BYTES // (4 * w.shape[1]))
-                    parts = [rtn_int8([w[r : r + rows]], name)[0] for r in range(0, w.shape[0], rows)]
-                    results[name] = {k: torch.cat([part[k] for part in parts]) for k in ("int_weight", "scales")}
-            for name in group:
-                q = results.pop(name)
-                writer.add(f"{name}.weight", q["int_weight"])
-                writer.add(f"{name}.weight_scale", q["scales"].reshape(-1).float())
+                pieces = parts.pop(name)
+                weight, scales = (torch.cat([q[k] for q in pieces]) for k in ("int_weight", "scales"))
+                writer.add(f"{name}.weight", weight)
+                writer.add(f"{name}.weight_scale", scales.reshape(-1).float())
                 done.add(f"{name}.weight")
         for name in index:
             if name not in done:
@@ -244,6 +251,15 @@ def _quantize_into(src_dir: Path, out: Path, config: QuantConfig, key: str) -> d
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "neural_compressor": _inc_version()},
     }
+
+
+def _row_slices(names: list[str], get):
+    """(name, rows of its weight) with each slice at most CHUNK_BYTES in float32."""
+    for name in names:
+        w = get(f"{name}.weight")
+        rows = max(1, CHUNK_BYTES // (4 * w.shape[1]))
+        for r in range(0, w.shape[0], rows):
+            yield name, w[r : r + rows]
 
 
 def _int8_from_inc(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
