@@ -45,7 +45,7 @@ FORMAT_VERSION = 1  # bump when the folder layout changes: old caches then miss,
 SHARD_BYTES = 1 << 30
 # A weight larger than this in float32 (Qwen-7B's 151936x4096 lm_head and embeddings: 2.5 GB
 # each) is quantized a slice of rows at a time, with the same result (one scale per row): whole,
-# INC's copies of it took the first quantization of Qwen-7B-Chat to 21.7 GiB peak RSS (17.1 now).
+# INC's copies of it took the first quantization of Qwen-7B-Chat to 21.7 GiB peak RSS (16.3-17.7 GiB now, two runs: it includes the mapped source shards).
 CHUNK_BYTES = 256 << 20
 
 
