@@ -4,6 +4,8 @@
                                 [--quality SMOLLM2_DIR] [--threads N] [--json OUT]
     python -m eval.bench attention [--context 4096]                  (one decoded token, per layer)
     python -m eval.bench context --model DIR [--context 4096]        (a decode step at long contexts)
+    python -m eval.bench linear [--shape 27392x4096] [--rows 512]    (one linear: bf16 vs the int8 kernels)
+    python -m eval.bench prefill --model DIR [--tokens 512]          (bf16 and int8 prompts, alternated)
     python -m eval.bench gateway [--concurrency 16] [--duration 60]     (eval/bench_gateway.py)
 
 For each model, bf16 then int8 (launch.quantize, cached): decode tokens/s of one stream
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--context", type=int, action="append", help="cached tokens (default 32, 1024, 4096)")
     c.add_argument("--threads", type=int, default=torch.get_num_threads())
     c.set_defaults(run=run_context)
+    li = sub.add_parser("linear", help="one linear layer: bf16 vs the int8 kernels and their fallbacks, interleaved")
+    li.add_argument("--shape", action="append", help="OUTxIN (default: the 7B models' shapes)")
+    li.add_argument("--rows", type=int, action="append", help="tokens per call (default 1, 5, 6, 64, 512)")
+    li.add_argument("--rounds", type=int, default=3)
+    li.add_argument("--threads", type=int, default=torch.get_num_threads())
+    li.set_defaults(run=run_linear)
+    pf = sub.add_parser("prefill", help="prompt time of a model in bf16 and int8, both loaded, alternated "
+                                        "(needs memory for both: 21 GiB peak for ChatGLM3-6B)")
+    pf.add_argument("--model", type=Path, required=True, help="a bf16 model folder; its int8 comes from --cache-root")
+    pf.add_argument("--tokens", type=int, default=512)
+    pf.add_argument("--rounds", type=int, default=4)
+    pf.add_argument("--cache-root", type=Path, default=DEFAULT_CACHE, help="int8 models go here")
+    pf.add_argument("--threads", type=int, default=torch.get_num_threads())
+    pf.set_defaults(run=run_prefill)
     bench_gateway.add_parser(sub)
     args = p.parse_args(argv)
     return args.run(args)
@@ -152,6 +169,70 @@ def run_context(args: argparse.Namespace) -> int:
     return 0
 
 
+# Distinct linear shapes (out x in) of ChatGLM3-6B (qkv, o, gate_up, down) and Qwen-7B (q/k/v/o,
+# gate/up, down).
+LINEAR_SHAPES = ("4608x4096", "4096x4096", "27392x4096", "4096x13696", "11008x4096", "4096x11008")
+
+
+@torch.inference_mode()
+def run_linear(args: argparse.Namespace) -> int:
+    """Per shape and row count: bf16 `F.linear`, Int8Linear with the compiled kernels, and
+    Int8Linear on its fallbacks; in rounds that alternate the three, each the median of 5
+    calls, the best round reported (a neighbour on the machine only ever slows a round down).
+    The same weights are read call after call, so a shape smaller than the L3 cache comes from it:
+    for decode speed from memory, `direct` is the measure."""
+    from launch.int8_linear import DECODE_MAX_ROWS, Int8Linear, kernels
+
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, compiled kernels {'yes' if kernels() else 'NOT AVAILABLE (fallbacks both)'}")
+    print("| shape | rows | bf16 ms | int8 ms (x bf16) | int8 kernel | fallback ms (x bf16) |\n| --- | --- | --- | --- | --- | --- |")
+    for shape in args.shape or LINEAR_SHAPES:
+        out_f, in_f = (int(n) for n in shape.lower().split("x"))
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(out_f, in_f, generator=g).bfloat16()
+        q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
+        scale = torch.rand(out_f, generator=g) / 100
+        int8, fallback = Int8Linear(q, scale), Int8Linear(q, scale)
+        fallback._compiled = fallback._packed = False
+        for rows in args.rows or (1, 5, 6, 64, 512):
+            x = torch.randn(rows, in_f, generator=g).bfloat16()
+            runs = {"bf16": lambda: F.linear(x, w), "int8": lambda: int8(x), "fallback": lambda: fallback(x)}
+            for f in runs.values():
+                f()  # warm-up: oneDNN creates its primitives on the first call of a shape
+            best = dict.fromkeys(runs, float("inf"))
+            for _ in range(args.rounds):
+                best = {name: min(best[name], _median_s(f, 5)) for name, f in runs.items()}
+            kernel = "GEMV" if rows <= DECODE_MAX_ROWS else "packed GEMM"
+            print(f"| {shape} | {rows} | {best['bf16'] * 1e3:.2f} | {best['int8'] * 1e3:.2f} ({best['int8'] / best['bf16']:.2f}) "
+                  f"| {kernel} | {best['fallback'] * 1e3:.2f} ({best['fallback'] / best['bf16']:.2f}) |", flush=True)
+    return 0
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    """A prompt of `--tokens` random ids through the bf16 and the int8 model, alternated
+    `--rounds` times in one process: the bench's `direct` times the two minutes apart, which on
+    this shared machine moved the ratio by up to 0.2."""
+    torch.set_num_threads(args.threads)
+    int8_dir, _ = ensure_int8(args.model, args.cache_root / "int8", QuantConfig())
+    models = {"bf16": _load(args.model), "int8": _load(int8_dir)}
+    ids = torch.randint(100, models["bf16"].config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, model in [*models.items()] * (args.rounds + 1):
+        times[name].append(_prefill_s(model, ids))
+    print(f"{args.model} vs {int8_dir}, threads {args.threads}, {args.tokens} tokens (first round: warm-up)")
+    for name, t in times.items():
+        print(f"{name}: {' '.join(f'{x:.2f}' for x in t[1:])} s, median {statistics.median(t[1:]):.2f} s")
+    print(f"int8/bf16 time: {statistics.median(times['int8'][1:]) / statistics.median(times['bf16'][1:]):.3f}")
+    return 0
+
+
+@torch.inference_mode()
+def _prefill_s(model: PreTrainedModel, ids: torch.Tensor) -> float:
+    started = time.perf_counter()
+    model(input_ids=ids, past_key_values=kv_cache.new_cache(model.config), use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - started
+
+
 def _median_s(f: Callable, repeats: int = 51) -> float:
     times = []
     for _ in range(repeats):
@@ -214,11 +295,7 @@ def speed(model: PreTrainedModel, new_tokens: int, prefill_tokens: int, runs: in
         steps += [b - a for a, b in zip(stamps, stamps[1:])]
     between()
     long = torch.randint(100, vocab, (1, prefill_tokens), generator=g)
-    prefill = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        model(input_ids=long, past_key_values=kv_cache.new_cache(model.config), use_cache=True, logits_to_keep=1)
-        prefill.append(time.perf_counter() - started)
+    prefill = [_prefill_s(model, long) for _ in range(runs)]
     return {"decode_tok_s": round(sorted(rates)[runs // 2], 2), "decode_tok_s_each": [round(x, 2) for x in rates],
             "decode_median_tok_s": round(1 / sorted(steps)[len(steps) // 2], 2),
             "prefill_s": round(min(prefill), 3), "prefill_s_each": [round(x, 3) for x in prefill]}

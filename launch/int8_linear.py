@@ -8,23 +8,23 @@ The int8 weights and per-output-channel scales come from Intel Neural Compressor
 activation quantization (fbgemm) decodes a little faster but loses too much accuracy on
 real weights (docs/int8.md has the numbers), so only the weights are int8.
 
-Two kernels, picked per call by the number of rows (tokens) in the input:
-- decode (1..8 rows): a small AVX-512 GEMV written here (`_GEMV_SOURCE`), compiled once with
-  g++ through torch.utils.cpp_extension and cached in torch's extension directory. It streams
-  the int8 weights once, widens them to fp32 in registers and accumulates in fp32 with the
-  per-channel scale and the bias applied in the same pass. Why a hand-written kernel: on
-  ChatGLM3-6B / Qwen-7B shapes it is 1.1-1.45x faster per linear than
-  `aten._weight_int8pack_mm` (1.12-1.15x on the whole model), which runs at ~12.5 GB/s per core
-  here, and with 2 threads it streams the weights at ~85-90% of the measured read bandwidth;
-  torch.compile's weight-only pattern was 20x slower, fbgemm needs activation quantization
-  (docs/int8.md, "The kernel decision"). Without g++ or AVX-512 it falls back to
-  `_weight_int8pack_mm` with a logged warning;
-- prefill (more rows): the int8 weights are widened to bf16 a block of output channels at
-  a time into one reused buffer and multiplied with oneDNN's bf16 GEMM, the scale and bias
-  applied while the result is stored (in the same extension; ~1.05x the bf16 time, where the
-  pure-PyTorch fallback of the same idea is 1.1-1.3x), because a GEMV kernel gets 3-4x slower
-  than bf16 at hundreds of rows. Blocks keep the temporary small (a 151936-row lm_head would
-  otherwise need a 1.2 GB bf16 copy per call).
+Two kernels, picked per call by the number of rows (tokens) in the input, both in one small
+C++ extension (`_SOURCE`) compiled once with g++ through torch.utils.cpp_extension and cached in
+torch's extension directory (launch/native.py):
+- decode (1..5 rows): an AVX-512 GEMV that streams the int8 weights once, widens them to fp32
+  in registers and accumulates in fp32, per-channel scale and bias applied in the same pass.
+  Decode is memory-bound; on ChatGLM3-6B / Qwen-7B shapes this is 1.1-1.45x faster per linear
+  than `aten._weight_int8pack_mm` (~12.5 GB/s per core here); torch.compile's weight-only
+  pattern was 20x slower, fbgemm needs activation quantization (docs/int8.md, "The kernel
+  decision");
+- prefill (more rows): a GEMM that widens the weights to bf16 while packing them for oneDNN's
+  bf16 micro-kernel (brgemm), a cache-sized panel at a time: 0.95-0.99x bf16's time per linear
+  at 512 rows (prompt processing is compute-bound, so int8 can at best match bf16 there).
+  From 6 rows it is also faster than the GEMV.
+Without g++ or AVX-512 Int8Linear falls back to `_weight_int8pack_mm` for decode and to
+widening blocks of weights in PyTorch for prefill (1.1-1.3x bf16), with a logged warning; the
+same prefill fallback is used on AVX-512 CPUs without bf16 instructions, where oneDNN has no bf16
+micro-kernel.
 """
 
 from __future__ import annotations
@@ -40,24 +40,20 @@ from launch import native
 
 log = logging.getLogger(__name__)
 
-# Up to this many rows the GEMV kernel is used (at 8 rows it is about as fast as bf16, the
-# widened GEMM ~1.5x slower; from 16 rows the widened GEMM wins).
-DECODE_MAX_ROWS = 8
-# Output channels widened to bf16 at once on the prefill path: the compiled path widens 24 MiB
-# of bf16 at a time into one reused buffer (3072 rows at K=4096). Interleaved A/B, 512 rows, the
-# 7B shapes: 24 MiB 1.09-1.15x bf16's time, 16 MiB 1.15-1.17x, 8 MiB 1.15-1.21x; 32 MiB as good on
-# some shapes but 1.30x on 4096x4096 (the whole matrix in one block). The pure-PyTorch fallback
-# widens 2048 rows (16 MiB at K=4096).
-PREFILL_BLOCK_BYTES = 24 << 20
-PREFILL_BLOCK = 2048
+# Up to this many rows the GEMV kernel is used; from 6 rows the packed GEMM is faster on the 7B
+# shapes (at 6 rows 27392x4096: 11.2 vs 8.7 ms, 4096x13696: 4.8 vs 4.4 ms; at 5 rows the GEMV
+# 7.1 vs 8.2 and 3.0 vs 4.1 ms).
+DECODE_MAX_ROWS = 5
+# Output channels widened at once by the PyTorch prefill fallback (16 MiB of bf16 at K=4096).
+FALLBACK_BLOCK = 2048
 # `_weight_int8pack_mm` (the fallback decode kernel) crashes the process (SIGSEGV, torch 2.13)
 # for some inner sizes that are not multiples of 16, e.g. 24 or 136, and for weights not
 # 64-byte aligned (safetensors packs tensors back to back, so a loaded int8 tensor can start
 # at any byte).
 _INT8PACK_K_MULTIPLE = 16
 _ALIGN = 64
-# Set to 0 to use `_weight_int8pack_mm` instead of the compiled kernel (for comparisons).
-KERNEL_ENV = "LLMD_INT8_GEMV"
+# Set to 0 to use the fallbacks instead of the compiled kernels (for comparisons).
+KERNEL_ENV = "LLMD_INT8_KERNELS"
 
 
 class Int8Linear(nn.Module):
@@ -77,19 +73,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(dtype).contiguous(), persistent=False)
         self._int8pack = self.in_features % _INT8PACK_K_MULTIPLE == 0
         # Built (or loaded from the cache) here, at model load, not in the first request.
-        self._gemv = dtype == torch.bfloat16 and gemv_kernel() is not None
+        self._compiled = dtype == torch.bfloat16 and kernels() is not None
+        self._packed = self._compiled and packed_mm_runs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         rows = x2.shape[0]
-        if rows and self._gemv:  # the compiled kernels apply scale and bias themselves
-            if rows <= DECODE_MAX_ROWS:
-                y = gemv_kernel().int8_gemv(x2, self.weight, self.scale, self.bias)
-            else:
-                block = max(64, PREFILL_BLOCK_BYTES // (2 * self.in_features))
-                y = gemv_kernel().int8_widened_mm(x2, self.weight, self.scale, self.bias, block)
-            return y.reshape(*lead, self.out_features)
+        if 0 < rows <= DECODE_MAX_ROWS and self._compiled:  # the kernels apply scale and bias themselves
+            return kernels().int8_gemv(x2, self.weight, self.scale, self.bias).reshape(*lead, self.out_features)
+        if rows > DECODE_MAX_ROWS and self._packed:
+            return kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias).reshape(*lead, self.out_features)
         if 0 < rows <= DECODE_MAX_ROWS and self._int8pack:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(self.dtype))
         else:
@@ -102,8 +96,8 @@ class Int8Linear(nn.Module):
         # int8 -> bf16 is exact (|q| <= 127 fits bf16's 8-bit significand), so the scale is
         # applied once to the output instead of rounding every weight to bf16.
         blocks = [
-            F.linear(x2, self.weight[i : i + PREFILL_BLOCK].to(x2.dtype))
-            for i in range(0, self.out_features, PREFILL_BLOCK)
+            F.linear(x2, self.weight[i : i + FALLBACK_BLOCK].to(x2.dtype))
+            for i in range(0, self.out_features, FALLBACK_BLOCK)
         ]
         y = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
         return y.mul_(self.scale.to(y.dtype))  # bf16 * bf16 in place: fp32 * bf16 would be 2x slower
@@ -144,19 +138,21 @@ def _check(weight: torch.Tensor, scale: torch.Tensor) -> None:
         raise ValueError(f"need one scale per output channel: {weight.shape[0]} rows but {scale.numel()} scales")
 
 
-# --- the decode kernel -----------------------------------------------------------------------
+# --- the kernels (decode GEMV, prefill packed GEMM) -------------------------------------------
 
-_GEMV_SOURCE = r"""
+_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 #include <atomic>
 
-// y[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] + bias[n] for M <= 8 rows of x.
+// y[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] + bias[n] for M <= 5 rows of x.
 // x bf16 [M, K] (any strides), w int8 [N, K] row-major, scale fp32 [N], bias bf16 [N] or none;
 // y bf16 [M, N]. The activations are widened to fp32 once (exact); the weights 16 at a time
 // int8 -> int32 -> fp32 in registers (exact); products are accumulated with fp32 FMAs. A block
-// of R output rows shares every activation load and gives R * M independent accumulators.
+// of R output rows shares every activation load; R * M * U independent accumulators keep the
+// FMA units busy.
 // Decode is memory-bound, so the point is to read each weight byte once, with few
 // instructions per byte; K need not be a multiple of 16 (masked tail), nothing needs alignment.
 
@@ -167,42 +163,50 @@ static inline __m512 widen16(const int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-template <int M, int R>
+template <int M, int R, int U>
 static void rows_block(const float* x, int64_t K, const int8_t* w, int64_t n0, int64_t nr,
                        const float* scale, const at::BFloat16* bias, at::BFloat16* y, int64_t N) {
-  // nr <= R rows from n0; a missing row reads the last real row again and is not stored.
+  // nr <= R rows from n0; a missing row reads the last real row again and is not stored. Each
+  // step reads U * 16 consecutive weights of each row into U accumulators per row and input row.
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (n0 + (r < nr ? r : nr - 1)) * K;
-  __m512 acc[M][R];
+  __m512 acc[M][R][U];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = widen16(wr[r] + k);
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+  for (; k + 16 * U <= K; k += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = widen16(wr[r] + k + 16 * u);
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k + 16 * u);
+        for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_fmadd_ps(xv, wv[r], acc[m][r][u]);
+      }
     }
   }
-  if (k < K) {
-    const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+  for (; k < K; k += 16) {  // what is left: 16 at a time, the last ones masked
+    const __mmask16 mask = k + 16 <= K ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
     __m512 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = widen16(wr[r] + k, mask);
     for (int m = 0; m < M; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_fmadd_ps(xv, wv[r], acc[m][r][0]);
     }
   }
   for (int r = 0; r < nr; ++r) {
     const int64_t n = n0 + r;
     const float s = scale[n];
     const float b = bias ? static_cast<float>(bias[n]) : 0.f;
-    for (int m = 0; m < M; ++m) y[m * N + n] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[m][r]) * s + b);
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[m][r][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][r][u]);
+      y[m * N + n] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(sum) * s + b);
+    }
   }
 }
 
-template <int M, int R>
+template <int M, int R, int U = 1>
 static void run(const float* x, int64_t K, const int8_t* w, int64_t N, const float* scale,
                 const at::BFloat16* bias, at::BFloat16* y) {
   // Threads take chunks of weights from a shared counter instead of a fixed half each: on a
@@ -220,7 +224,7 @@ static void run(const float* x, int64_t K, const int8_t* w, int64_t N, const flo
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       for (int64_t b = c * chunk; b < std::min(blocks, (c + 1) * chunk); ++b) {
         const int64_t n0 = b * R;
-        rows_block<M, R>(x, K, w, n0, std::min<int64_t>(R, N - n0), scale, bias, y, N);
+        rows_block<M, R, U>(x, K, w, n0, std::min<int64_t>(R, N - n0), scale, bias, y, N);
       }
     }
   });
@@ -232,7 +236,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0),
               "int8_gemv: scale must be contiguous float32 [N]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M >= 1 && M <= 8, "int8_gemv: 1..8 rows");
+  TORCH_CHECK(M >= 1 && M <= 5, "int8_gemv: 1..5 rows");
   const auto xf = x.to(at::kFloat).contiguous();
   auto y = torch::empty({M, N}, x.options().dtype(at::kBFloat16));
   const at::BFloat16* bp = nullptr;
@@ -246,24 +250,35 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  // R * M accumulators + R widened weights stay within the 32 zmm registers.
+  // M * R * U accumulators + R widened weights stay within the 32 zmm registers. One input row
+  // whose fp32 copy fits the 32 KiB L1 next to the streaming weights reads one weight row at a
+  // time, 128 bytes a step: 2 threads streamed 31-34 GB/s that way, 27-30 with 8 rows of 16 bytes
+  // a step (65536x4096, 12 interleaved rounds). A longer row would re-read x from L2 for every
+  // weight row (8192x13696: 17-18 GB/s vs 32-38), so it keeps 8 rows sharing each load of x.
   switch (M) {
-    case 1: run<1, 8>(xp, K, wp, N, sp, bp, yp); break;
+    case 1:
+      if (K * sizeof(float) <= 16 << 10) run<1, 1, 8>(xp, K, wp, N, sp, bp, yp);
+      else run<1, 8>(xp, K, wp, N, sp, bp, yp);
+      break;
     case 2: run<2, 8>(xp, K, wp, N, sp, bp, yp); break;
     case 3: run<3, 4>(xp, K, wp, N, sp, bp, yp); break;
     case 4: run<4, 4>(xp, K, wp, N, sp, bp, yp); break;
-    case 5: run<5, 4>(xp, K, wp, N, sp, bp, yp); break;
-    case 6: run<6, 2>(xp, K, wp, N, sp, bp, yp); break;
-    case 7: run<7, 2>(xp, K, wp, N, sp, bp, yp); break;
-    default: run<8, 2>(xp, K, wp, N, sp, bp, yp); break;
+    default: run<5, 4>(xp, K, wp, N, sp, bp, yp); break;
   }
   return y;
 }
 
-// Prefill (many rows): y = (x @ bf16(w).T) * scale + bias, with w widened to bf16 `block` output
-// channels at a time into one reused buffer, oneDNN's bf16 GEMM (at::mm) per block, and scale
-// and bias applied while the block's result is copied into y. int8 -> bf16 is exact (|q| <= 127
-// needs 7 significand bits), so the only rounding beyond bf16's own GEMM is the scale multiply.
+// Prefill (more rows): y = (x @ w.T) * scale + bias as one GEMM that widens the int8 weights
+// while packing them for oneDNN's bf16 micro-kernel (brgemm, through at::native::cpublas). A
+// panel of PANEL_N output channels x PANEL_K inputs is widened to bf16 (exact: |q| <= 127 fits
+// bf16's significand) straight into the pair-interleaved ("VNNI") layout the micro-kernel
+// reads, in a 256 KiB buffer that stays in the core's L2, and multiplied with every row of x
+// before the next panel is widened. Products are summed in fp32; scale and bias are applied
+// once, when the fp32 sums are rounded to bf16. Widening whole blocks of weights to bf16 in
+// memory first and calling a bf16 GEMM (the previous version) cost 1.05-1.15x bf16's time;
+// this is 0.95-0.99x (docs/int8.md).
+constexpr int64_t PANEL_N = 64, PANEL_K = 2048, ROWS_PER_CALL = 64;
+
 static inline __m512 bf16x16_to_fp32(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -274,65 +289,138 @@ static inline __m256i fp32x16_to_bf16(__m512 v) {  // round to nearest even, as 
   return _mm512_cvtepi32_epi16(r);
 }
 
-static void widen_to_bf16(const int8_t* w, int64_t count, at::BFloat16* out) {
-  at::parallel_for(0, (count + 15) / 16, 4096, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t i = c * 16;
-      const __mmask16 mask = i + 16 <= count ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - i)) - 1);
-      const __m512 f = widen16(w + i, mask);
-      // The fp32 of a small integer has 16 zero low bits, so truncating to bf16 is exact.
-      const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16));
-      _mm256_mask_storeu_epi16(out + i, mask, h);
-    }
-  });
+// 32 int8 weights (fewer with `mask`, the rest 0) -> 32 bf16 in order. The fp32 of a small
+// integer has 16 zero low bits, so its high half is its exact bf16.
+static inline __m512i widen32_bf16(const int8_t* p, __mmask32 mask) {
+  const __m512 lo = widen16(p, (__mmask16)mask), hi = widen16(p + 16, (__mmask16)(mask >> 16));
+  const __m512i high_halves = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                               31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(lo), high_halves, _mm512_castps_si512(hi));
 }
 
-torch::Tensor int8_widened_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                              int64_t block) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_widened_mm: x [M, K] and w [N, K]");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_widened_mm: w must be contiguous int8");
+// In: r[i] = 16 32-bit units of row i. Out: r[j] = unit j of rows 0..15.
+static inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Rows n0 .. n0+nb of w [N, K] (nb <= PANEL_N; missing rows are zeros), inputs k0 .. k0+kb
+// (kb even) -> out[k / 2][n][k % 2] as bf16: each 32-bit unit is one pair of inputs of one
+// output channel, so widening 16 channels x 32 inputs and transposing 16x16 units packs them.
+static void pack_panel(const int8_t* w, int64_t K, int64_t n0, int64_t nb, int64_t k0, int64_t kb, at::BFloat16* out) {
+  for (int64_t nt = 0; nt < PANEL_N; nt += 16) {
+    for (int64_t k = 0; k < kb; k += 32) {
+      const __mmask32 mask = k + 32 <= kb ? ~(__mmask32)0 : (__mmask32)((1ull << (kb - k)) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = nt + i < nb ? widen32_bf16(w + (n0 + nt + i) * K + k0 + k, mask) : _mm512_setzero_si512();
+      transpose16x16(r);
+      const int64_t pairs = std::min<int64_t>(16, (kb - k) / 2);
+      for (int j = 0; j < pairs; ++j) _mm512_storeu_si512(out + ((k / 2 + j) * PANEL_N + nt) * 2, r[j]);
+    }
+  }
+}
+
+torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_packed_mm: x [M, K] and w [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_packed_mm: w must be contiguous int8");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0),
-              "int8_widened_mm: scale must be contiguous float32 [N]");
-  TORCH_CHECK(block > 0, "int8_widened_mm: block > 0");
+              "int8_packed_mm: scale must be contiguous float32 [N]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  // The micro-kernel takes inputs in pairs; an odd last input is added in the epilogue.
+  const int64_t K2 = K & ~int64_t(1);
   const auto xb = x.to(at::kBFloat16).contiguous();
   auto y = torch::empty({M, N}, x.options().dtype(at::kBFloat16));
   const at::BFloat16* bp = nullptr;
   torch::Tensor bb;
   if (bias.has_value() && bias->defined()) {
     bb = bias->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(bb.numel() == N, "int8_widened_mm: bias must have N elements");
+    TORCH_CHECK(bb.numel() == N, "int8_packed_mm: bias must have N elements");
     bp = bb.data_ptr<at::BFloat16>();
   }
-  const int64_t rows = std::min(block, N);
-  auto buf = torch::empty({rows, K}, x.options().dtype(at::kBFloat16));
+  const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t nb = std::min(rows, N - n0);
-    widen_to_bf16(wp + n0 * K, nb * K, buf.data_ptr<at::BFloat16>());
-    const auto t = at::mm(xb, buf.narrow(0, 0, nb).t()).contiguous();  // [M, nb]
-    const at::BFloat16* tp = t.data_ptr<at::BFloat16>();
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
+  // Threads take panels from a shared counter, as in the GEMV: a preempted thread's panels
+  // are taken over instead of waited for.
+  const int64_t panels = (N + PANEL_N - 1) / PANEL_N;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), panels);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto packed = torch::empty({PANEL_K * PANEL_N}, xb.options());
+    auto sums = torch::empty({M, PANEL_N}, xb.options().dtype(at::kFloat));
+    at::BFloat16* pk = packed.data_ptr<at::BFloat16>();
+    float* c = sums.data_ptr<float>();
+    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < panels;) {
+      const int64_t n0 = p * PANEL_N, nb = std::min(PANEL_N, N - n0);
+      if (K2 == 0) sums.zero_();
+      for (int64_t k0 = 0; k0 < K2; k0 += PANEL_K) {
+        const int64_t kb = std::min(PANEL_K, K2 - k0);
+        pack_panel(wp, K, n0, nb, k0, kb, pk);
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_CALL)
+          at::native::cpublas::brgemm(std::min(ROWS_PER_CALL, M - m0), PANEL_N, kb, K, PANEL_N, PANEL_N, k0 > 0,
+                                      xp + m0 * K + k0, pk, c + m0 * PANEL_N);
+      }
+      alignas(64) float w_last[PANEL_N] = {0};  // w[n, K - 1] when K is odd
+      if (K2 < K)
+        for (int64_t i = 0; i < nb; ++i) w_last[i] = wp[(n0 + i) * K + K2];
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512 x_last = _mm512_set1_ps(K2 < K ? static_cast<float>(xp[m * K + K2]) : 0.f);
         for (int64_t j = 0; j < nb; j += 16) {
           const __mmask16 mask = j + 16 <= nb ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - j)) - 1);
-          const __m512 v = _mm512_fmadd_ps(bf16x16_to_fp32(tp + m * nb + j, mask), _mm512_maskz_loadu_ps(mask, sp + n0 + j),
+          const __m512 sum = _mm512_fmadd_ps(x_last, _mm512_load_ps(w_last + j), _mm512_maskz_loadu_ps(mask, c + m * PANEL_N + j));
+          const __m512 v = _mm512_fmadd_ps(sum, _mm512_maskz_loadu_ps(mask, sp + n0 + j),
                                            bp ? bf16x16_to_fp32(bp + n0 + j, mask) : _mm512_setzero_ps());
           _mm256_mask_storeu_epi16(yp + m * N + n0 + j, mask, fp32x16_to_bf16(v));
         }
-    });
-  }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
   return y;
 }
 """
 
 
 @functools.cache
-def gemv_kernel():
-    """The compiled kernels (an extension module with `int8_gemv` and `int8_widened_mm`), or None
-    when they cannot be built or run here; then Int8Linear uses `_weight_int8pack_mm` and the
-    Python widened GEMM (built by launch/native.py)."""
-    return native.load("llmd_int8_gemv", _GEMV_SOURCE, ["int8_gemv", "int8_widened_mm"],
-                       fallback="_weight_int8pack_mm", env=KERNEL_ENV, logger=log)
+def kernels():
+    """The compiled kernels (an extension module with `int8_gemv` and `int8_packed_mm`), or None
+    when they cannot be built here (launch/native.py says why in a warning)."""
+    return native.load("llmd_int8", _SOURCE, ["int8_gemv", "int8_packed_mm"],
+                       fallback="_weight_int8pack_mm and a widened bf16 GEMM", env=KERNEL_ENV, logger=log)
+
+
+@functools.cache
+def packed_mm_runs() -> bool:
+    """Whether the prefill kernel runs here: oneDNN's bf16 micro-kernel needs AVX512-BF16 or AMX,
+    which not every AVX-512 CPU has (then torch raises; prompts take the PyTorch fallback)."""
+    try:
+        kernels().int8_packed_mm(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.int8),
+                                 torch.ones(1), None)
+        return True
+    except RuntimeError as e:
+        log.warning("llmd_int8: the prompt kernel cannot run on this CPU (%s); prompts use a widened bf16 "
+                    "GEMM, ~1.1-1.3x slower", str(e).strip().splitlines()[0])
+        return False

@@ -1,6 +1,6 @@
 """Builds the small AVX-512 C++ kernels (int8 matmul, decode attention) on first use.
 
-    module = native.load("llmd_int8_gemv", SOURCE, ["int8_gemv"], fallback="_weight_int8pack_mm", env="LLMD_INT8_GEMV")
+    module = native.load("llmd_int8", SOURCE, ["int8_gemv"], fallback="_weight_int8pack_mm", env="LLMD_INT8_KERNELS")
 
 Compiled with g++ through torch.utils.cpp_extension into torch's extension directory
 ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions: ~30 s once per source version; the

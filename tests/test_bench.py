@@ -61,3 +61,12 @@ def test_attention_and_context_benches_print_their_tables(tmp_path):
     text = _bench("context", "--model", str(_tiny_qwen2(tmp_path / "bf16")), "--context", "16", "--context", "40")
     rows = [line for line in text.splitlines() if line.startswith(("| 16 |", "| 40 |"))]
     assert len(rows) == 2 and all(line.count("/") == 2 for line in rows)  # two rounds of each implementation
+
+
+def test_linear_and_prefill_benches_print_their_comparisons(tmp_path):
+    text = _bench("linear", "--shape", "96x64", "--rows", "2", "--rows", "9", "--rounds", "1")
+    rows = [line for line in text.splitlines() if line.startswith("| 96x64 |")]
+    assert [line.split("|")[2].strip() for line in rows] == ["2", "9"] and "x bf16" in text
+    text = _bench("prefill", "--model", str(_tiny_qwen2(tmp_path / "bf16")), "--tokens", "12", "--rounds", "2",
+                  "--cache-root", str(tmp_path / "cache"))
+    assert text.count(" s, median ") == 2 and "int8/bf16 time: " in text
