@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     li = sub.add_parser("linear", help="one linear layer: bf16 vs the int8 kernels and their fallbacks, interleaved")
     li.add_argument("--shape", action="append", help="OUTxIN (default: the 7B models' shapes)")
     li.add_argument("--rows", type=int, action="append", help="tokens per call (default 1, 5, 6, 64, 512)")
-    li.add_argument("--rounds", type=int, default=3)
+    li.add_argument("--rounds", type=_positive, default=3)
     li.add_argument("--threads", type=int, default=torch.get_num_threads())
     li.set_defaults(run=run_linear)
     pf = sub.add_parser("prefill", help="prompt time of a model in bf16 and int8, both loaded, alternated "
                                         "(needs memory for both: 21 GiB peak for ChatGLM3-6B)")
     pf.add_argument("--model", type=Path, required=True, help="a bf16 model folder; its int8 comes from --cache-root")
     pf.add_argument("--tokens", type=int, default=512)
-    pf.add_argument("--rounds", type=int, default=4)
+    pf.add_argument("--rounds", type=_positive, default=4)
     pf.add_argument("--cache-root", type=Path, default=DEFAULT_CACHE, help="int8 models go here")
     pf.add_argument("--threads", type=int, default=torch.get_num_threads())
     pf.set_defaults(run=run_prefill)
@@ -202,10 +202,19 @@ def run_linear(args: argparse.Namespace) -> int:
             best = dict.fromkeys(runs, float("inf"))
             for _ in range(args.rounds):
                 best = {name: min(best[name], _median_s(f, 5)) for name, f in runs.items()}
-            kernel = "GEMV" if rows <= DECODE_MAX_ROWS else "packed GEMM"
+            if rows <= DECODE_MAX_ROWS:
+                kernel = "GEMV" if int8._compiled else "fallback"
+            else:
+                kernel = "packed GEMM" if int8._packed else "fallback"
             print(f"| {shape} | {rows} | {best['bf16'] * 1e3:.2f} | {best['int8'] * 1e3:.2f} ({best['int8'] / best['bf16']:.2f}) "
                   f"| {kernel} | {best['fallback'] * 1e3:.2f} ({best['fallback'] / best['bf16']:.2f}) |", flush=True)
     return 0
+
+
+def _positive(text: str) -> int:
+    if (n := int(text)) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def run_prefill(args: argparse.Namespace) -> int:

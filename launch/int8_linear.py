@@ -82,7 +82,8 @@ class Int8Linear(nn.Module):
         rows = x2.shape[0]
         if 0 < rows <= DECODE_MAX_ROWS and self._compiled:  # the kernels apply scale and bias themselves
             return kernels().int8_gemv(x2, self.weight, self.scale, self.bias).reshape(*lead, self.out_features)
-        if rows > DECODE_MAX_ROWS and self._packed:
+        # oneDNN's micro-kernel refuses to run while torch.backends.mkldnn is switched off.
+        if rows > DECODE_MAX_ROWS and self._packed and torch.backends.mkldnn.enabled:
             return kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias).reshape(*lead, self.out_features)
         if 0 < rows <= DECODE_MAX_ROWS and self._int8pack:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(self.dtype))

@@ -228,13 +228,16 @@ def test_the_converters_own_record_does_not_change_the_key(tiny):
 # --- the compiled kernels, against a float64 reference ------------------------------------------
 
 needs_kernel = pytest.mark.skipif(not can_build_kernels(), reason="the compiled int8 kernels need AVX-512 and a C++ compiler")
+# oneDNN's bf16 micro-kernel (the prompt kernel) needs AVX512-BF16 or AMX; elsewhere prompts take
+# the PyTorch fallback, so the prompt kernel is only required where the CPU has them.
+BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @needs_kernel
 def test_the_int8_kernels_build_and_run_here():
     # A build error, or a prompt kernel that cannot run, would otherwise only be a warning and a
     # slower path.
-    assert kernels() is not None and packed_mm_runs()
+    assert kernels() is not None and packed_mm_runs() == BF16_CPU
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -270,7 +273,7 @@ def unaligned_int8(rows: int, cols: int, offset: int = 3) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("out_features,in_features", [(1, 1), (7, 15), (9, 16), (37, 17), (259, 100), (130, 2050), (64, 4101)])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 2), (3, 3), (7, 15), (9, 16), (37, 17), (259, 100), (130, 2050), (33, 4096), (64, 4101)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_bias):
     torch.manual_seed(out_features * 1000 + in_features)
@@ -278,7 +281,7 @@ def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_b
     scale = torch.rand(out_features) / 50 + 1e-4
     bias = torch.randn(out_features) if with_bias else None
     layer = Int8Linear(w, scale, bias)
-    assert layer._compiled and layer._packed, "the compiled kernels are not in use"
+    assert layer._compiled and layer._packed == BF16_CPU, "the compiled kernels are not in use"
     # 1..5 rows: the GEMV; then the packed GEMM, whose micro-kernel takes at most 64 rows a call.
     for rows in [*range(1, DECODE_MAX_ROWS + 2), 64, 65, 130]:
         x = torch.randn(rows, in_features).bfloat16()
@@ -308,14 +311,18 @@ def test_kernels_take_strided_and_batched_inputs_and_outliers():
 def test_decode_and_prefill_paths_agree_with_the_fallback():
     torch.manual_seed(2)
     w, scale, bias = unaligned_int8(200, 128), torch.rand(200) / 50, torch.randn(200)
-    compiled, fallback = Int8Linear(w, scale, bias), Int8Linear(w, scale, bias)
+    compiled, fallback, no_bf16 = Int8Linear(w, scale, bias), Int8Linear(w, scale, bias), Int8Linear(w, scale, bias)
     fallback._compiled = fallback._packed = False  # _weight_int8pack_mm; the PyTorch widened GEMM
+    no_bf16._packed = False  # a CPU without bf16 instructions: the GEMV, then the PyTorch GEMM
     for rows in (1, 3, 8, 9, 40):
         x = torch.randn(rows, 128).bfloat16()
-        a, b = compiled(x), fallback(x)
-        assert rel_error(a, b) < 0.01, f"rows={rows}"
+        a, b, c = compiled(x), fallback(x), no_bf16(x)
+        assert rel_error(a, b) < 0.01 and rel_error(c, b if rows > DECODE_MAX_ROWS else a) < 1e-6, f"rows={rows}"
         assert_close_to_reference(b, x, w, scale, bias, f"fallback rows={rows}",
                                   tolerance=2**-8 if rows <= DECODE_MAX_ROWS else 2**-7)
+    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's micro-kernel refuses to run then
+        x = torch.randn(9, 128).bfloat16()
+        assert rel_error(compiled(x), fallback(x)) < 1e-6
 
 
 def test_without_a_compiler_the_kernel_falls_back_with_a_warning(monkeypatch, caplog):
