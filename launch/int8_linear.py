@@ -81,16 +81,17 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         rows = x2.shape[0]
         if 0 < rows <= DECODE_MAX_ROWS and self._compiled:  # the kernels apply scale and bias themselves
-            return kernels().int8_gemv(x2, self.weight, self.scale, self.bias).reshape(*lead, self.out_features)
+            y = kernels().int8_gemv(x2, self.weight, self.scale, self.bias)
         # oneDNN's micro-kernel refuses to run while torch.backends.mkldnn is switched off.
-        if rows > DECODE_MAX_ROWS and self._packed and torch.backends.mkldnn.enabled:
-            return kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias).reshape(*lead, self.out_features)
-        if 0 < rows <= DECODE_MAX_ROWS and self._int8pack:
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(self.dtype))
+        elif rows > DECODE_MAX_ROWS and self._packed and torch.backends.mkldnn.enabled:
+            y = kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias)
         else:
-            y = self._widened_matmul(x2)
-        if self.bias is not None:
-            y = y + self.bias
+            if 0 < rows <= DECODE_MAX_ROWS and self._int8pack:
+                y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(self.dtype))
+            else:
+                y = self._widened_matmul(x2)
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
     def _widened_matmul(self, x2: torch.Tensor) -> torch.Tensor:
@@ -241,22 +242,29 @@ static void run(const float* x, int64_t K, const int8_t* w, int64_t N, const flo
   });
 }
 
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_gemv: x [M, K] and w [N, K]");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_gemv: w must be contiguous int8");
+// What both kernels take: x [M, K] (any dtype and strides), w int8 [N, K] contiguous, scale
+// float32 [N] contiguous, bias [N] or none (returned as contiguous bf16, or undefined).
+static void check_operands(const char* name, const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [M, K] and w [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), name, ": w must be contiguous int8");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0),
-              "int8_gemv: scale must be contiguous float32 [N]");
+              name, ": scale must be contiguous float32 [N]");
+}
+static torch::Tensor bias_bf16(const char* name, const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return torch::Tensor();
+  auto bb = bias->to(at::kBFloat16).contiguous();
+  TORCH_CHECK(bb.numel() == N, name, ": bias must have N elements");
+  return bb;
+}
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  check_operands("int8_gemv", x, w, scale);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M >= 1 && M <= 5, "int8_gemv: 1..5 rows");
   const auto xf = x.to(at::kFloat).contiguous();
   auto y = torch::empty({M, N}, x.options().dtype(at::kBFloat16));
-  const at::BFloat16* bp = nullptr;
-  torch::Tensor bb;
-  if (bias.has_value() && bias->defined()) {
-    bb = bias->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(bb.numel() == N, "int8_gemv: bias must have N elements");
-    bp = bb.data_ptr<at::BFloat16>();
-  }
+  const torch::Tensor bb = bias_bf16("int8_gemv", bias, N);
+  const at::BFloat16* bp = bb.defined() ? bb.data_ptr<at::BFloat16>() : nullptr;
   const float* xp = xf.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -358,22 +366,14 @@ static void pack_panel(const int8_t* w, int64_t K, int64_t n0, int64_t nb, int64
 }
 
 torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_packed_mm: x [M, K] and w [N, K]");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_packed_mm: w must be contiguous int8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == w.size(0),
-              "int8_packed_mm: scale must be contiguous float32 [N]");
+  check_operands("int8_packed_mm", x, w, scale);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   // The micro-kernel takes inputs in pairs; an odd last input is added in the epilogue.
   const int64_t K2 = K & ~int64_t(1);
   const auto xb = x.to(at::kBFloat16).contiguous();
   auto y = torch::empty({M, N}, x.options().dtype(at::kBFloat16));
-  const at::BFloat16* bp = nullptr;
-  torch::Tensor bb;
-  if (bias.has_value() && bias->defined()) {
-    bb = bias->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(bb.numel() == N, "int8_packed_mm: bias must have N elements");
-    bp = bb.data_ptr<at::BFloat16>();
-  }
+  const torch::Tensor bb = bias_bf16("int8_packed_mm", bias, N);
+  const at::BFloat16* bp = bb.defined() ? bb.data_ptr<at::BFloat16>() : nullptr;
   const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
