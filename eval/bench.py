@@ -5,14 +5,16 @@
     python -m eval.bench attention [--context 4096]                  (one decoded token, per layer)
     python -m eval.bench context --model DIR [--context 4096]        (a decode step at long contexts)
     python -m eval.bench linear [--shape 27392x4096] [--rows 512]    (one linear: bf16 vs the int8 kernels)
+    python -m eval.bench stream [--rounds 20]                        (the decode GEMV's GB/s vs amax's)
     python -m eval.bench prefill --model DIR [--tokens 512]          (bf16 and int8 prompts, alternated)
     python -m eval.bench gateway [--concurrency 16] [--duration 60]     (eval/bench_gateway.py)
 
 For each model, bf16 then int8 (launch.quantize, cached): decode tokens/s of one stream
 (64 new tokens after a short prompt, EOS ignored; the median of 3 runs), the time of a 512-token
 prefill (the best of 3), and the decode bound = memory read bandwidth / weight bytes read per
-token, with the bandwidth measured around the same runs (the median of 3 readings; the machine
-is shared: compare ratios within a run, not runs).
+token, with the bandwidth read before and after every decode run ("of bound": the median over
+the runs of each run against the mean of its two readings; the machine is shared: compare
+ratios within a run, not runs).
 `--quality` adds int8-vs-bf16 agreement on real weights (top-1, mean KL, greedy answers).
 `synth:` models are random native-layout checkpoints of the real shapes, written once.
 """
@@ -81,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     li.add_argument("--rounds", type=_positive, default=3)
     li.add_argument("--threads", type=int, default=torch.get_num_threads())
     li.set_defaults(run=run_linear)
+    st = sub.add_parser("stream", help="the int8 decode GEMV's read rate against the bound's amax, round by round")
+    st.add_argument("--shape", default="65536x4096", help="OUTxIN of int8 weights, far larger than the caches")
+    st.add_argument("--rounds", type=_positive, default=20)
+    st.add_argument("--threads", type=int, default=torch.get_num_threads())
+    st.set_defaults(run=run_stream)
     pf = sub.add_parser("prefill", help="prompt time of a model in bf16 and int8, both loaded, alternated "
                                         "(needs memory for both: 21 GiB peak for ChatGLM3-6B)")
     pf.add_argument("--model", type=Path, required=True, help="a bf16 model folder; its int8 comes from --cache-root")
@@ -211,6 +218,37 @@ def run_linear(args: argparse.Namespace) -> int:
     return 0
 
 
+@torch.inference_mode()
+def run_stream(args: argparse.Namespace) -> int:
+    """One token through an int8 linear far larger than the caches (the decode GEMV) against
+    `read_bandwidth()`'s amax, alternated round by round: the bound's bandwidth moves with the
+    host's state, so only a GEMV rate and an amax rate read seconds apart compare."""
+    from launch.int8_linear import Int8Linear, kernels
+
+    torch.set_num_threads(args.threads)
+    out_f, in_f = (int(n) for n in args.shape.lower().split("x"))
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear(torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8), torch.rand(out_f, generator=g))
+    x = torch.randn(1, in_f, generator=g).bfloat16()
+    buf = torch.rand(1 << 28)  # the 1 GiB read_bandwidth() reads, allocated once
+    print(f"threads {args.threads}, {args.shape} int8 ({out_f * in_f / 2**20:.0f} MiB), "
+          f"kernel: {'compiled GEMV' if layer._compiled and kernels() else 'fallback'}")
+    print("| round | amax GB/s | GEMV GB/s | GEMV / amax |\n| --- | --- | --- | --- |")
+    ratios = []
+    for i in range(args.rounds):
+        amax = read_bandwidth(repeats=3, buf=buf)
+        gemv = out_f * in_f / min(_median_s(lambda: layer(x), 1) for _ in range(3))
+        ratios.append((amax, gemv / amax))
+        print(f"| {i + 1} | {amax / 1e9:.1f} | {gemv / 1e9:.1f} | {gemv / amax:.0%} |", flush=True)
+    ratios.sort()
+    low, high = ratios[: len(ratios) // 2], ratios[len(ratios) // 2:]
+    for name, part in (("lower", low), ("upper", high)):
+        if part:
+            print(f"{name} half of the amax readings ({part[0][0] / 1e9:.1f}-{part[-1][0] / 1e9:.1f} GB/s): "
+                  f"GEMV / amax median {statistics.median(r for _, r in part):.0%}")
+    return 0
+
+
 def _positive(text: str) -> int:
     if (n := int(text)) < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
@@ -266,15 +304,18 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
         model = _load(int8_dir if kind == "int8" else src)
         load_s = time.perf_counter() - started
         r = {"load_s": round(load_s, 2), "weight_bytes_per_token": weight_bytes_per_token(model)}
-        # The bandwidth is read before, between and after the timed runs (the same neighbours on
-        # the machine as the model saw) and the median taken: single readings moved 31-58 GB/s.
+        # The host's read bandwidth jumps between ~33 and ~60 GB/s every few tens of seconds
+        # (docs/int8.md), so it is read right before and after every decode run, and each run is
+        # held against the mean of its two readings: a median over the whole phase paired runs
+        # from one window with a bandwidth from the other (60% vs 105% "of bound").
         reads = [read_bandwidth()]
-        r |= speed(model, args.new_tokens, args.prefill_tokens, between=lambda: reads.append(read_bandwidth()))
-        reads.append(read_bandwidth())
+        r |= speed(model, args.new_tokens, args.prefill_tokens, after_run=lambda: reads.append(read_bandwidth()))
         r["read_GBps_each"] = [round(b / 1e9, 1) for b in reads]
-        r["read_GBps"] = round(sorted(reads)[len(reads) // 2] / 1e9, 1)
+        r["read_GBps"] = round(statistics.median(reads) / 1e9, 1)
         r["bound_tok_s"] = round(r["read_GBps"] * 1e9 / r["weight_bytes_per_token"], 2)
-        r["of_bound"] = round(r["decode_tok_s"] / r["bound_tok_s"], 3)
+        bounds = [(a + b) / 2 / r["weight_bytes_per_token"] for a, b in zip(reads, reads[1:])]
+        r["of_bound_each"] = [round(rate / bound, 3) for rate, bound in zip(r["decode_tok_s_each"], bounds)]
+        r["of_bound"] = statistics.median(r["of_bound_each"])
         out[kind] = r
         del model
         gc.collect()
@@ -286,9 +327,10 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
 
 @torch.inference_mode()
 def speed(model: PreTrainedModel, new_tokens: int, prefill_tokens: int, runs: int = 3,
-          between: Callable[[], object] = lambda: None) -> dict:
-    """Decode: `runs` generations of `new_tokens` after a 16-token prompt, the median run's
-    tokens/s (and the median single step over all runs). Prefill: the best of `runs`."""
+          after_run: Callable[[], object] = lambda: None) -> dict:
+    """Decode: `runs` generations of `new_tokens` after a 16-token prompt (`after_run` called
+    after each), the median run's tokens/s (and the median single step over all runs).
+    Prefill: the best of `runs`."""
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, vocab, (16,), generator=g).tolist()
@@ -302,7 +344,7 @@ def speed(model: PreTrainedModel, new_tokens: int, prefill_tokens: int, runs: in
         # On a shared machine one preempted thread stalls a whole step; the median step shows
         # the model without those stalls, the run's tokens/s with them.
         steps += [b - a for a, b in zip(stamps, stamps[1:])]
-    between()
+        after_run()
     long = torch.randint(100, vocab, (1, prefill_tokens), generator=g)
     prefill = [_prefill_s(model, long) for _ in range(runs)]
     return {"decode_tok_s": round(sorted(rates)[runs // 2], 2), "decode_tok_s_each": [round(x, 2) for x in rates],
@@ -328,9 +370,10 @@ def weight_bytes_per_token(model: PreTrainedModel) -> int:
     return total
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 8) -> float:
+def read_bandwidth(gib: float = 1.0, repeats: int = 8, buf: torch.Tensor | None = None) -> float:
     """Best observed bytes/s of a multi-threaded reduction over a buffer far larger than cache."""
-    buf = torch.rand(int(gib * (1 << 30)) // 4)  # random, so no page can be shared with another
+    if buf is None:
+        buf = torch.rand(int(gib * (1 << 30)) // 4)  # random, so no page can be shared with another
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -452,7 +495,8 @@ def print_table(results: dict) -> None:
             x = r[kind]
             print(f"| {spec} | {kind} | {x['weight_bytes_per_token'] / 1e9:.2f} | {x['decode_tok_s']} | "
                   f"{x.get('decode_median_tok_s', '')} | "
-                  f"{x['bound_tok_s']} ({x['read_GBps']}) | {x['of_bound']:.0%} | {x['prefill_s']} |")
+                  f"{x['bound_tok_s']} ({x['read_GBps']}) | {x['of_bound']:.0%} "
+                  f"({', '.join(f'{b:.0%}' for b in x['of_bound_each'])}) | {x['prefill_s']} |")
         print(f"| {spec} | int8/bf16 | | {r['int8_vs_bf16_decode']}x | | | | {r['int8_vs_bf16_prefill_time']}x time |")
     if "quality" in results:
         q = results["quality"]

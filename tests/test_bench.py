@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -49,9 +51,15 @@ def test_direct_bench_reports_both_dtypes_and_the_bound(tmp_path):
            "--cache-root", str(tmp_path / "cache"), "--json", str(out))
     r = json.loads(out.read_text())["models"][str(model)]
     for kind in ("bfloat16", "int8"):
-        assert len(r[kind]["decode_tok_s_each"]) == 3 and len(r[kind]["read_GBps_each"]) == 3
-        assert r[kind]["decode_tok_s"] in r[kind]["decode_tok_s_each"]  # the median run
-        assert 0 < r[kind]["of_bound"] and r[kind]["prefill_s"] == min(r[kind]["prefill_s_each"])
+        x = r[kind]
+        assert len(x["decode_tok_s_each"]) == 3 and len(x["read_GBps_each"]) == 4  # before and after each run
+        assert x["decode_tok_s"] in x["decode_tok_s_each"]  # the median run
+        # each run against the mean of the readings just before and after it
+        for i, (rate, ratio) in enumerate(zip(x["decode_tok_s_each"], x["of_bound_each"])):
+            bound = (x["read_GBps_each"][i] + x["read_GBps_each"][i + 1]) / 2 * 1e9 / x["weight_bytes_per_token"]
+            assert ratio == pytest.approx(rate / bound, rel=0.02)
+        assert len(x["of_bound_each"]) == 3 and x["of_bound"] == sorted(x["of_bound_each"])[1]
+        assert x["prefill_s"] == min(x["prefill_s_each"])
     assert r["int8_vs_bf16_decode"] > 0 and r["quantized_now"] is True
 
 
@@ -63,10 +71,14 @@ def test_attention_and_context_benches_print_their_tables(tmp_path):
     assert len(rows) == 2 and all(line.count("/") == 2 for line in rows)  # two rounds of each implementation
 
 
-def test_linear_and_prefill_benches_print_their_comparisons(tmp_path):
+def test_linear_stream_and_prefill_benches_print_their_comparisons(tmp_path):
     text = _bench("linear", "--shape", "96x64", "--rows", "2", "--rows", "9", "--rounds", "1")
     rows = [line for line in text.splitlines() if line.startswith("| 96x64 |")]
     assert [line.split("|")[2].strip() for line in rows] == ["2", "9"] and "x bf16" in text
+    text = _bench("stream", "--shape", "256x128", "--rounds", "3")
+    rows = [line.split("|") for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
+    assert len(rows) == 3 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert "lower half of the amax readings" in text and "upper half" in text
     text = _bench("prefill", "--model", str(_tiny_qwen2(tmp_path / "bf16")), "--tokens", "12", "--rounds", "2",
                   "--cache-root", str(tmp_path / "cache"))
     assert text.count(" s, median ") == 2 and "int8/bf16 time: " in text
