@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=torch.get_num_threads())
     c.set_defaults(run=run_context)
     li = sub.add_parser("linear", help="one linear layer: bf16 vs the int8 kernels and their fallbacks, interleaved")
-    li.add_argument("--shape", action="append", help="OUTxIN (default: the 7B models' shapes)")
+    li.add_argument("--shape", action="append", type=_shape, help="OUTxIN (default: the 7B models' shapes)")
     li.add_argument("--rows", type=int, action="append", help="tokens per call (default 1, 5, 6, 64, 512)")
     li.add_argument("--rounds", type=_positive, default=3)
     li.add_argument("--threads", type=int, default=torch.get_num_threads())
     li.set_defaults(run=run_linear)
     st = sub.add_parser("stream", help="the int8 decode GEMV's read rate against the bound's amax, round by round")
-    st.add_argument("--shape", default="65536x4096", help="OUTxIN of int8 weights, far larger than the caches")
+    st.add_argument("--shape", type=_shape, default="65536x4096", help="OUTxIN of int8 weights, far larger than the caches")
     st.add_argument("--rounds", type=_positive, default=20)
     st.add_argument("--threads", type=int, default=torch.get_num_threads())
     st.set_defaults(run=run_stream)
@@ -193,8 +193,8 @@ def run_linear(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, compiled kernels {'yes' if kernels() else 'NOT AVAILABLE (fallbacks both)'}")
     print("| shape | rows | bf16 ms | int8 ms (x bf16) | int8 kernel | fallback ms (x bf16) |\n| --- | --- | --- | --- | --- | --- |")
-    for shape in args.shape or LINEAR_SHAPES:
-        out_f, in_f = (int(n) for n in shape.lower().split("x"))
+    for out_f, in_f in args.shape or [_shape(s) for s in LINEAR_SHAPES]:
+        shape = f"{out_f}x{in_f}"
         g = torch.Generator().manual_seed(0)
         w = torch.randn(out_f, in_f, generator=g).bfloat16()
         q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
@@ -226,12 +226,12 @@ def run_stream(args: argparse.Namespace) -> int:
     from launch.int8_linear import Int8Linear, kernels
 
     torch.set_num_threads(args.threads)
-    out_f, in_f = (int(n) for n in args.shape.lower().split("x"))
+    out_f, in_f = args.shape
     g = torch.Generator().manual_seed(0)
     layer = Int8Linear(torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8), torch.rand(out_f, generator=g))
     x = torch.randn(1, in_f, generator=g).bfloat16()
     buf = torch.rand(1 << 28)  # the 1 GiB read_bandwidth() reads, allocated once
-    print(f"threads {args.threads}, {args.shape} int8 ({out_f * in_f / 2**20:.0f} MiB), "
+    print(f"threads {args.threads}, {out_f}x{in_f} int8 ({out_f * in_f / 2**20:.0f} MiB), "
           f"kernel: {'compiled GEMV' if layer._compiled and kernels() else 'fallback'}")
     print("| round | amax GB/s | GEMV GB/s | GEMV / amax |\n| --- | --- | --- | --- |")
     ratios = []
@@ -247,6 +247,13 @@ def run_stream(args: argparse.Namespace) -> int:
             print(f"{name} half of the amax readings ({part[0][0] / 1e9:.1f}-{part[-1][0] / 1e9:.1f} GB/s): "
                   f"GEMV / amax median {statistics.median(r for _, r in part):.0%}")
     return 0
+
+
+def _shape(text: str) -> tuple[int, int]:
+    out_f, _, in_f = text.lower().partition("x")
+    if not (out_f.isdigit() and in_f.isdigit() and int(out_f) > 0 and int(in_f) > 0):
+        raise argparse.ArgumentTypeError(f"expected OUTxIN, two positive integers such as 4096x11008, got {text!r}")
+    return int(out_f), int(in_f)
 
 
 def _positive(text: str) -> int:

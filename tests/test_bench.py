@@ -82,3 +82,9 @@ def test_linear_stream_and_prefill_benches_print_their_comparisons(tmp_path):
     text = _bench("prefill", "--model", str(_tiny_qwen2(tmp_path / "bf16")), "--tokens", "12", "--rounds", "2",
                   "--cache-root", str(tmp_path / "cache"))
     assert text.count(" s, median ") == 2 and "int8/bf16 time: " in text
+
+
+def test_a_malformed_shape_is_refused_with_the_form_it_takes():
+    for args in (["stream", "--shape", "4096by11008"], ["linear", "--shape", "0x64"]):
+        done = subprocess.run([sys.executable, "-m", "eval.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "expected OUTxIN" in done.stderr and "Traceback" not in done.stderr
