@@ -38,10 +38,11 @@ def _tiny_qwen2(folder):
     return folder
 
 
-def _bench(*args: str) -> str:
+def _bench(*args: str, returncode: int = 0) -> str:
+    """`python -m eval.bench ARGS`: its stdout, or its stderr when it is expected to fail."""
     done = subprocess.run([sys.executable, "-m", "eval.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    assert done.returncode == returncode, done.stdout + done.stderr
+    return done.stdout if returncode == 0 else done.stderr
 
 
 def test_direct_bench_reports_both_dtypes_and_the_bound(tmp_path):
@@ -86,5 +87,5 @@ def test_linear_stream_and_prefill_benches_print_their_comparisons(tmp_path):
 
 def test_a_malformed_shape_is_refused_with_the_form_it_takes():
     for args in (["stream", "--shape", "4096by11008"], ["linear", "--shape", "0x64"]):
-        done = subprocess.run([sys.executable, "-m", "eval.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and "expected OUTxIN" in done.stderr and "Traceback" not in done.stderr
+        err = _bench(*args, returncode=2)  # argparse's usage error
+        assert "expected OUTxIN" in err and "Traceback" not in err
