@@ -321,7 +321,7 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
         r["read_GBps"] = round(statistics.median(reads) / 1e9, 1)
         r["bound_tok_s"] = round(r["read_GBps"] * 1e9 / r["weight_bytes_per_token"], 2)
         bounds = [(a + b) / 2 / r["weight_bytes_per_token"] for a, b in zip(reads, reads[1:])]
-        r["of_bound_each"] = [round(rate / bound, 3) for rate, bound in zip(r["decode_tok_s_each"], bounds)]
+        r["of_bound_each"] = [round(rate / bound, 4) for rate, bound in zip(r["decode_tok_s_each"], bounds)]
         r["of_bound"] = statistics.median(r["of_bound_each"])
         out[kind] = r
         del model
