@@ -313,8 +313,8 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
         r = {"load_s": round(load_s, 2), "weight_bytes_per_token": weight_bytes_per_token(model)}
         # The host's read bandwidth jumps between ~33 and ~60 GB/s every few tens of seconds
         # (docs/int8.md), so it is read right before and after every decode run, and each run is
-        # held against the mean of its two readings: a median over the whole phase paired runs
-        # from one window with a bandwidth from the other (60% vs 105% "of bound").
+        # held against the mean of its two readings: a median over the whole phase can pair runs
+        # from one window with a bandwidth from the other.
         reads = [read_bandwidth()]
         r |= speed(model, args.new_tokens, args.prefill_tokens, after_run=lambda: reads.append(read_bandwidth()))
         r["read_GBps_each"] = [round(b / 1e9, 1) for b in reads]
