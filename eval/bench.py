@@ -178,7 +178,7 @@ def run_context(args: argparse.Namespace) -> int:
 
 # Distinct linear shapes (out x in) of ChatGLM3-6B (qkv, o, gate_up, down) and Qwen-7B (q/k/v/o,
 # gate/up, down).
-LINEAR_SHAPES = ("4608x4096", "4096x4096", "27392x4096", "4096x13696", "11008x4096", "4096x11008")
+LINEAR_SHAPES = ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (11008, 4096), (4096, 11008))
 
 
 @torch.inference_mode()
@@ -188,13 +188,12 @@ def run_linear(args: argparse.Namespace) -> int:
     calls, the best round reported (a neighbour on the machine only ever slows a round down).
     The same weights are read call after call, so a shape smaller than the L3 cache comes from it:
     for decode speed from memory, `direct` is the measure."""
-    from launch.int8_linear import DECODE_MAX_ROWS, Int8Linear, kernels
+    from launch.int8_linear import Int8Linear, kernels
 
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, compiled kernels {'yes' if kernels() else 'NOT AVAILABLE (fallbacks both)'}")
     print("| shape | rows | bf16 ms | int8 ms (x bf16) | int8 kernel | fallback ms (x bf16) |\n| --- | --- | --- | --- | --- | --- |")
-    for out_f, in_f in args.shape or [_shape(s) for s in LINEAR_SHAPES]:
-        shape = f"{out_f}x{in_f}"
+    for out_f, in_f in args.shape or LINEAR_SHAPES:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(out_f, in_f, generator=g).bfloat16()
         q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
@@ -209,12 +208,8 @@ def run_linear(args: argparse.Namespace) -> int:
             best = dict.fromkeys(runs, float("inf"))
             for _ in range(args.rounds):
                 best = {name: min(best[name], _median_s(f, 5)) for name, f in runs.items()}
-            if rows <= DECODE_MAX_ROWS:
-                kernel = "GEMV" if int8._compiled else "fallback"
-            else:
-                kernel = "packed GEMM" if int8._packed else "fallback"
-            print(f"| {shape} | {rows} | {best['bf16'] * 1e3:.2f} | {best['int8'] * 1e3:.2f} ({best['int8'] / best['bf16']:.2f}) "
-                  f"| {kernel} | {best['fallback'] * 1e3:.2f} ({best['fallback'] / best['bf16']:.2f}) |", flush=True)
+            print(f"| {out_f}x{in_f} | {rows} | {best['bf16'] * 1e3:.2f} | {best['int8'] * 1e3:.2f} ({best['int8'] / best['bf16']:.2f}) "
+                  f"| {int8.kernel(rows)} | {best['fallback'] * 1e3:.2f} ({best['fallback'] / best['bf16']:.2f}) |", flush=True)
     return 0
 
 
@@ -223,7 +218,7 @@ def run_stream(args: argparse.Namespace) -> int:
     """One token through an int8 linear far larger than the caches (the decode GEMV) against
     `read_bandwidth()`'s amax, alternated round by round: the bound's bandwidth moves with the
     host's state, so only a GEMV rate and an amax rate read seconds apart compare."""
-    from launch.int8_linear import Int8Linear, kernels
+    from launch.int8_linear import Int8Linear
 
     torch.set_num_threads(args.threads)
     out_f, in_f = args.shape
@@ -232,7 +227,7 @@ def run_stream(args: argparse.Namespace) -> int:
     x = torch.randn(1, in_f, generator=g).bfloat16()
     buf = torch.rand(1 << 28)  # the 1 GiB read_bandwidth() reads, allocated once
     print(f"threads {args.threads}, {out_f}x{in_f} int8 ({out_f * in_f / 2**20:.0f} MiB), "
-          f"kernel: {'compiled GEMV' if layer._compiled and kernels() else 'fallback'}")
+          f"kernel: {layer.kernel(1)}")
     print("| round | amax GB/s | GEMV GB/s | GEMV / amax |\n| --- | --- | --- | --- |")
     ratios = []
     for i in range(args.rounds):

@@ -79,20 +79,30 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
-        rows = x2.shape[0]
-        if 0 < rows <= DECODE_MAX_ROWS and self._compiled:  # the kernels apply scale and bias themselves
+        kernel = self.kernel(x2.shape[0])
+        if kernel == "gemv":  # the compiled kernels apply scale and bias themselves
             y = kernels().int8_gemv(x2, self.weight, self.scale, self.bias)
-        # oneDNN's micro-kernel refuses to run while torch.backends.mkldnn is switched off.
-        elif rows > DECODE_MAX_ROWS and self._packed and torch.backends.mkldnn.enabled:
+        elif kernel == "packed":
             y = kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias)
         else:
-            if 0 < rows <= DECODE_MAX_ROWS and self._int8pack:
+            if kernel == "int8pack":
                 y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(self.dtype))
             else:
                 y = self._widened_matmul(x2)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def kernel(self, rows: int) -> str:
+        """What multiplies `rows` tokens: "gemv" or "packed" (compiled), or the PyTorch fallbacks
+        "int8pack" (`_weight_int8pack_mm`) or "widened" (`_widened_matmul`)."""
+        decode = 0 < rows <= DECODE_MAX_ROWS
+        if decode and self._compiled:
+            return "gemv"
+        # oneDNN's micro-kernel refuses to run while torch.backends.mkldnn is switched off.
+        if not decode and rows > 0 and self._packed and torch.backends.mkldnn.enabled:
+            return "packed"
+        return "int8pack" if decode and self._int8pack else "widened"
 
     def _widened_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         # int8 -> bf16 is exact (|q| <= 127 fits bf16's 8-bit significand), so the scale is

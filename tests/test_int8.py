@@ -315,6 +315,9 @@ def test_decode_and_prefill_paths_agree_with_the_fallback():
     fallback._compiled = fallback._packed = False  # _weight_int8pack_mm; the PyTorch widened GEMM
     no_bf16._packed = False  # a CPU without bf16 instructions: the GEMV, then the PyTorch GEMM
     for rows in (1, 3, 8, 9, 40):
+        decode = rows <= DECODE_MAX_ROWS
+        expected = ("gemv", "int8pack", "gemv") if decode else ("packed" if BF16_CPU else "widened", "widened", "widened")
+        assert (compiled.kernel(rows), fallback.kernel(rows), no_bf16.kernel(rows)) == expected, f"rows={rows}"
         x = torch.randn(rows, 128).bfloat16()
         a, b, c = compiled(x), fallback(x), no_bf16(x)
         assert rel_error(a, b) < 0.01 and rel_error(c, b if rows > DECODE_MAX_ROWS else a) < 1e-6, f"rows={rows}"
@@ -322,6 +325,7 @@ def test_decode_and_prefill_paths_agree_with_the_fallback():
                                   tolerance=2**-8 if rows <= DECODE_MAX_ROWS else 2**-7)
     with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's micro-kernel refuses to run then
         x = torch.randn(9, 128).bfloat16()
+        assert compiled.kernel(9) == "widened" and compiled.kernel(1) == "gemv"
         assert rel_error(compiled(x), fallback(x)) < 1e-6
 
 
