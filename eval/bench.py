@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     li.add_argument("--rounds", type=_positive, default=3)
     li.add_argument("--threads", type=int, default=torch.get_num_threads())
     li.set_defaults(run=run_linear)
-    st = sub.add_parser("stream", help="the int8 decode GEMV's read rate against the bound's amax, round by round")
-    st.add_argument("--shape", type=_shape, default="65536x4096", help="OUTxIN of int8 weights, far larger than the caches")
+    st = sub.add_parser("stream", help="the int8 decode GEMV's read rate against the bound's amax read just before and after each run")
+    st.add_argument("--shape", action="append", type=_shape, help="OUTxIN of int8 weights (repeatable; default 65536x4096)")
+    st.add_argument("--mib", type=_positive, default=256,
+                    help="MiB of weights a run streams: a smaller shape runs as copies, called one after another like a model's layers")
     st.add_argument("--rounds", type=_positive, default=20)
     st.add_argument("--threads", type=int, default=torch.get_num_threads())
     st.set_defaults(run=run_stream)
@@ -176,6 +178,9 @@ def run_context(args: argparse.Namespace) -> int:
     return 0
 
 
+# A `stream` run whose amax readings before and after differ by more than this straddled two host
+# states: neither reading is its bound.
+STREAM_STEADY = 0.15
 # Distinct linear shapes (out x in) of ChatGLM3-6B (qkv, o, gate_up, down) and Qwen-7B (q/k/v/o,
 # gate/up, down).
 LINEAR_SHAPES = ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (11008, 4096), (4096, 11008))
@@ -215,32 +220,51 @@ def run_linear(args: argparse.Namespace) -> int:
 
 @torch.inference_mode()
 def run_stream(args: argparse.Namespace) -> int:
-    """One token through an int8 linear far larger than the caches (the decode GEMV) against
-    `read_bandwidth()`'s amax, alternated round by round: the bound's bandwidth moves with the
-    host's state, so only a GEMV rate and an amax rate read seconds apart compare."""
+    """One token through int8 linears far larger than the caches (the decode GEMV), each run
+    between two readings of `read_bandwidth()`'s amax. The bound's bandwidth moves with the host's
+    state, so a run is held against the mean of the readings just before and after it, and a run
+    whose two readings differ by more than STREAM_STEADY (the state changed during it) is shown
+    but left out of the summary. A shape smaller than --mib runs as that many MiB of copies, one
+    call after another, so what a call costs beyond its bytes counts as it does in a model."""
     from launch.int8_linear import Int8Linear
 
     torch.set_num_threads(args.threads)
-    out_f, in_f = args.shape
     g = torch.Generator().manual_seed(0)
-    layer = Int8Linear(torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8), torch.rand(out_f, generator=g))
-    x = torch.randn(1, in_f, generator=g).bfloat16()
+    sets = {}
+    for out_f, in_f in args.shape or [(65536, 4096)]:
+        copies = max(1, (args.mib << 20) // (out_f * in_f))
+        layers = [Int8Linear(torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8), torch.rand(out_f, generator=g))
+                  for _ in range(copies)]
+        sets[f"{out_f}x{in_f}"] = (layers, torch.randn(1, in_f, generator=g).bfloat16(), copies * out_f * in_f)
     buf = torch.rand(1 << 28)  # the 1 GiB read_bandwidth() reads, allocated once
-    print(f"threads {args.threads}, {out_f}x{in_f} int8 ({out_f * in_f / 2**20:.0f} MiB), "
-          f"kernel: {layer.kernel(1)}")
-    print("| round | amax GB/s | GEMV GB/s | GEMV / amax |\n| --- | --- | --- | --- |")
-    ratios = []
+    print(f"threads {args.threads}; a run: " + ", ".join(
+        f"{name} int8 x {len(layers)} ({nbytes / 2**20:.0f} MiB, kernel {layers[0].kernel(1)})" for name, (layers, _, nbytes) in sets.items()))
+    print("| round | shape | amax before GB/s | amax after GB/s | GEMV GB/s | GEMV / amax |\n| --- | --- | --- | --- | --- | --- |")
+    for layers, x, _ in sets.values():
+        layers[0](x)  # warm-up: the kernels are loaded (or built) on the first call
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sets}
+    before = read_bandwidth(repeats=3, buf=buf)
     for i in range(args.rounds):
-        amax = read_bandwidth(repeats=3, buf=buf)
-        gemv = out_f * in_f / min(_median_s(lambda: layer(x), 1) for _ in range(3))
-        ratios.append((amax, gemv / amax))
-        print(f"| {i + 1} | {amax / 1e9:.1f} | {gemv / 1e9:.1f} | {gemv / amax:.0%} |", flush=True)
-    ratios.sort()
-    low, high = ratios[: len(ratios) // 2], ratios[len(ratios) // 2:]
-    for name, part in (("lower", low), ("upper", high)):
-        if part:
-            print(f"{name} half of the amax readings ({part[0][0] / 1e9:.1f}-{part[-1][0] / 1e9:.1f} GB/s): "
-                  f"GEMV / amax median {statistics.median(r for _, r in part):.0%}")
+        for name, (layers, x, nbytes) in sets.items():
+            started = time.perf_counter()
+            for layer in layers:
+                layer(x)
+            gemv = nbytes / (time.perf_counter() - started)
+            after = read_bandwidth(repeats=3, buf=buf)
+            ratio = gemv / ((before + after) / 2)
+            steady = abs(after - before) <= STREAM_STEADY * max(before, after)
+            if steady:
+                runs[name].append(((before + after) / 2, ratio))
+            print(f"| {i + 1} | {name} | {before / 1e9:.1f} | {after / 1e9:.1f} | {gemv / 1e9:.1f} | "
+                  f"{ratio:.0%}{'' if steady else ' (state changed)'} |", flush=True)
+            before = after
+    for name, steady in runs.items():
+        steady.sort()
+        print(f"{name}: {args.rounds - len(steady)} of {args.rounds} runs left out (state changed)")
+        for half, part in (("lower", steady[: len(steady) // 2]), ("upper", steady[len(steady) // 2:])):
+            if part:
+                print(f"{name}, {half} half of the amax readings ({part[0][0] / 1e9:.1f}-{part[-1][0] / 1e9:.1f} GB/s): "
+                      f"GEMV / amax median {statistics.median(r for _, r in part):.0%}")
     return 0
 
 

@@ -76,10 +76,21 @@ def test_linear_stream_and_prefill_benches_print_their_comparisons(tmp_path):
     text = _bench("linear", "--shape", "96x64", "--rows", "2", "--rows", "9", "--rounds", "1")
     rows = [line for line in text.splitlines() if line.startswith("| 96x64 |")]
     assert [line.split("|")[2].strip() for line in rows] == ["2", "9"] and "x bf16" in text
-    text = _bench("stream", "--shape", "256x128", "--rounds", "3")
-    rows = [line.split("|") for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
-    assert len(rows) == 3 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
-    assert "lower half of the amax readings" in text and "upper half" in text
+    text = _bench("stream", "--shape", "256x128", "--shape", "64x128", "--mib", "1", "--rounds", "3")
+    assert "256x128 int8 x 32 (1 MiB" in text and "64x128 int8 x 128 (1 MiB" in text  # copies up to --mib
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
+    assert [(r[0], r[1]) for r in rows] == [(str(i), shape) for i in (1, 2, 3) for shape in ("256x128", "64x128")]
+    for prev, row in zip(rows, rows[1:]):
+        assert row[2] == prev[3]  # one amax reading between two runs: the after of one, the before of the next
+    for _, _, before, after, gemv, ratio in rows:
+        b, a, g, r = float(before), float(after), float(gemv), float(ratio.split("%")[0]) / 100
+        assert (g - 0.05) / ((a + b) / 2 + 0.05) - 0.006 <= r <= (g + 0.05) / ((a + b) / 2 - 0.05) + 0.006  # vs the mean of the two
+        changed, near_the_edge = abs(a - b) > 0.15 * max(a, b), abs(abs(a - b) - 0.15 * max(a, b)) <= 0.1  # rounded readings
+        assert ("state changed" in ratio) == changed or near_the_edge
+    for shape in ("256x128", "64x128"):
+        left_out = sum("state changed" in r[5] for r in rows if r[1] == shape)
+        assert f"{shape}: {left_out} of 3 runs left out (state changed)" in text
+        assert (f"{shape}, upper half of the amax readings" in text) == (left_out < 3)
     text = _bench("prefill", "--model", str(_tiny_qwen2(tmp_path / "bf16")), "--tokens", "12", "--rounds", "2",
                   "--cache-root", str(tmp_path / "cache"))
     assert text.count(" s, median ") == 2 and "int8/bf16 time: " in text
