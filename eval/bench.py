@@ -178,9 +178,9 @@ def run_context(args: argparse.Namespace) -> int:
     return 0
 
 
-# A `stream` run whose amax readings before and after differ by more than this straddled two host
-# states: neither reading is its bound.
-STREAM_STEADY = 0.15
+# A run (`direct`, `stream`) whose bandwidth readings before and after differ by more than this
+# straddled two host states: neither reading is its bound, so it is marked and left out of medians.
+STEADY = 0.15
 # Distinct linear shapes (out x in) of ChatGLM3-6B (qkv, o, gate_up, down) and Qwen-7B (q/k/v/o,
 # gate/up, down).
 LINEAR_SHAPES = ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (11008, 4096), (4096, 11008))
@@ -223,7 +223,7 @@ def run_stream(args: argparse.Namespace) -> int:
     """One token through int8 linears far larger than the caches (the decode GEMV), each run
     between two readings of `read_bandwidth()`'s amax. The bound's bandwidth moves with the host's
     state, so a run is held against the mean of the readings just before and after it, and a run
-    whose two readings differ by more than STREAM_STEADY (the state changed during it) is shown
+    whose two readings differ by more than STEADY (the state changed during it) is shown
     but left out of the summary. A shape smaller than --mib runs as that many MiB of copies, one
     call after another, so what a call costs beyond its bytes counts as it does in a model."""
     from launch.int8_linear import Int8Linear
@@ -252,7 +252,7 @@ def run_stream(args: argparse.Namespace) -> int:
             gemv = nbytes / (time.perf_counter() - started)
             after = read_bandwidth(repeats=3, buf=buf)
             ratio = gemv / ((before + after) / 2)
-            steady = abs(after - before) <= STREAM_STEADY * max(before, after)
+            steady = _steady(before, after)
             if steady:
                 runs[name].append(((before + after) / 2, ratio))
             print(f"| {i + 1} | {name} | {before / 1e9:.1f} | {after / 1e9:.1f} | {gemv / 1e9:.1f} | "
@@ -306,6 +306,10 @@ def _prefill_s(model: PreTrainedModel, ids: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
+def _steady(before: float, after: float) -> bool:
+    return abs(after - before) <= STEADY * max(before, after)
+
+
 def _median_s(f: Callable, repeats: int = 51) -> float:
     times = []
     for _ in range(repeats):
@@ -341,7 +345,9 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
         r["bound_tok_s"] = round(r["read_GBps"] * 1e9 / r["weight_bytes_per_token"], 2)
         bounds = [(a + b) / 2 / r["weight_bytes_per_token"] for a, b in zip(reads, reads[1:])]
         r["of_bound_each"] = [round(rate / bound, 4) for rate, bound in zip(r["decode_tok_s_each"], bounds)]
-        r["of_bound"] = statistics.median(r["of_bound_each"])
+        r["steady_each"] = [_steady(a, b) for a, b in zip(reads, reads[1:])]
+        steady = [ratio for ratio, ok in zip(r["of_bound_each"], r["steady_each"]) if ok]
+        r["of_bound"] = statistics.median(steady) if steady else None  # None: the state changed in every run
         out[kind] = r
         del model
         gc.collect()
@@ -519,11 +525,14 @@ def print_table(results: dict) -> None:
     for spec, r in results["models"].items():
         for kind in ("bfloat16", "int8"):
             x = r[kind]
+            each = ", ".join(f"{b:.0%}{'' if ok else '*'}" for b, ok in zip(x["of_bound_each"], x["steady_each"]))
+            of_bound = "n/a" if x["of_bound"] is None else f"{x['of_bound']:.0%}"
             print(f"| {spec} | {kind} | {x['weight_bytes_per_token'] / 1e9:.2f} | {x['decode_tok_s']} | "
                   f"{x.get('decode_median_tok_s', '')} | "
-                  f"{x['bound_tok_s']} ({x['read_GBps']}) | {x['of_bound']:.0%} "
-                  f"({', '.join(f'{b:.0%}' for b in x['of_bound_each'])}) | {x['prefill_s']} |")
+                  f"{x['bound_tok_s']} ({x['read_GBps']}) | {of_bound} ({each}) | {x['prefill_s']} |")
         print(f"| {spec} | int8/bf16 | | {r['int8_vs_bf16_decode']}x | | | | {r['int8_vs_bf16_prefill_time']}x time |")
+    print(f"of bound: the median of the runs whose bandwidth read before and after differs by at most {STEADY:.0%}; "
+          "* marks a run during which the host changed state (left out)")
     if "quality" in results:
         q = results["quality"]
         print(f"\nquality over {q['tokens']} answer tokens (bf16 decode vs prefill path, the noise floor: "
