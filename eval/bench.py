@@ -242,7 +242,7 @@ def run_stream(args: argparse.Namespace) -> int:
     print("| round | shape | amax before GB/s | amax after GB/s | GEMV GB/s | GEMV / amax |\n| --- | --- | --- | --- | --- | --- |")
     for layers, x, _ in sets.values():
         layers[0](x)  # warm-up: the kernels are loaded (or built) on the first call
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sets}
+    steady_runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sets}  # (amax, GEMV / amax)
     before = read_bandwidth(repeats=3, buf=buf)
     for i in range(args.rounds):
         for name, (layers, x, nbytes) in sets.items():
@@ -254,14 +254,14 @@ def run_stream(args: argparse.Namespace) -> int:
             ratio = gemv / ((before + after) / 2)
             steady = _steady(before, after)
             if steady:
-                runs[name].append(((before + after) / 2, ratio))
+                steady_runs[name].append(((before + after) / 2, ratio))
             print(f"| {i + 1} | {name} | {before / 1e9:.1f} | {after / 1e9:.1f} | {gemv / 1e9:.1f} | "
                   f"{ratio:.0%}{'' if steady else ' (state changed)'} |", flush=True)
             before = after
-    for name, steady in runs.items():
-        steady.sort()
-        print(f"{name}: {args.rounds - len(steady)} of {args.rounds} runs left out (state changed)")
-        for half, part in (("lower", steady[: len(steady) // 2]), ("upper", steady[len(steady) // 2:])):
+    for name, kept in steady_runs.items():
+        kept.sort()
+        print(f"{name}: {args.rounds - len(kept)} of {args.rounds} runs left out (state changed)")
+        for half, part in (("lower", kept[: len(kept) // 2]), ("upper", kept[len(kept) // 2:])):
             if part:
                 print(f"{name}, {half} half of the amax readings ({part[0][0] / 1e9:.1f}-{part[-1][0] / 1e9:.1f} GB/s): "
                       f"GEMV / amax median {statistics.median(r for _, r in part):.0%}")
