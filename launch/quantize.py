@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from launch.int8_linear import Int8Embedding, Int8Linear
+from launch.int8_linear import Int8Embedding, Int8Linear, stack_shared_inputs
 
 MANIFEST = "quantization.json"
 FORMAT = "llmd-int8"
@@ -162,6 +162,7 @@ def load_int8(model_dir: Path, threads: int | None = None) -> PreTrainedModel:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise QuantizeError(f"{model_dir}: no weights for {left[:5]} ({len(left)} tensors); re-quantize the source")
+    stack_shared_inputs(model)  # q/k/v and gate/up as one call each: fewer, larger GEMVs
     return model.eval()
 
 

@@ -16,7 +16,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from launch import native
 from launch.generate import Sampling, generate
-from launch.int8_linear import DECODE_MAX_ROWS, Int8Embedding, Int8Linear, kernels, packed_mm_runs
+from launch import quantize
+from launch.int8_linear import (
+    DECODE_MAX_ROWS,
+    Int8Embedding,
+    Int8Linear,
+    Int8LinearPart,
+    kernels,
+    packed_mm_runs,
+    stack_shared_inputs,
+)
 from launch.quantize import (
     MANIFEST,
     QuantConfig,
@@ -172,6 +181,55 @@ def test_quant_lm_head_false_reaches_the_int8_folder(source, request, tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
     ids = [7, 9, 11]
     assert rel_error(last_logits(model, ids), last_logits(ref, ids)) < TINY_REL_TOL
+
+
+def test_linears_that_share_an_input_run_as_one_stack(tiny, tmp_path, monkeypatch):
+    out, _ = ensure_int8(tiny, tmp_path, QuantConfig())
+    stacked = load_int8(out)
+    monkeypatch.setattr(quantize, "stack_shared_inputs", lambda model: 0)
+    plain = load_int8(out)
+    for layer, ref in zip(stacked.model.layers, plain.model.layers):
+        groups = [(layer.self_attn, ref.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ref.mlp, ("gate_proj", "up_proj"))]
+        for parent, ref_parent, names in groups:
+            parts = [getattr(parent, n) for n in names]
+            assert all(type(p) is Int8LinearPart and p.stack is parts[0].stack for p in parts), names
+            # One copy of the weights: each part's rows of the stack are the layer it replaced.
+            assert parts[0].stack.weight.shape[0] == sum(getattr(ref_parent, n).out_features for n in names)
+            for p, n in zip(parts, names):
+                assert torch.equal(p.stack.weight[p.start : p.stop], getattr(ref_parent, n).weight)
+        assert type(layer.mlp.down_proj) is Int8Linear and type(ref.self_attn.q_proj) is Int8Linear
+    long_ids, short_ids = list(range(5, 5 + 3 * DECODE_MAX_ROWS)), [7, 9, 11]  # prefill and decode kernels
+    for ids in (long_ids, short_ids):
+        assert torch.equal(last_logits(stacked, ids), last_logits(plain, ids)), len(ids)
+    greedy = Sampling(max_new_tokens=12, temperature=0)
+    assert list(generate(stacked, long_ids, greedy)) == list(generate(plain, long_ids, greedy))
+
+
+def test_a_stacked_part_computes_its_own_rows_whatever_the_call_order():
+    torch.manual_seed(0)
+
+    def layer(out_features: int, bias: bool = True) -> Int8Linear:
+        return Int8Linear(torch.randint(-127, 128, (out_features, 80), dtype=torch.int8), torch.rand(out_features) / 50,
+                          torch.randn(out_features).bfloat16() if bias else None)
+
+    attn, mlp = nn.Module(), nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = layer(48), layer(16), layer(16)
+    mlp.gate_proj, mlp.up_proj = layer(32, bias=True), layer(32, bias=False)  # biases on one only: not stacked
+    block = nn.ModuleDict({"attn": attn, "mlp": mlp})
+    names = ("q_proj", "k_proj", "v_proj")
+    ref = {n: getattr(attn, n) for n in names}
+    assert stack_shared_inputs(block) == 1
+    assert type(mlp.gate_proj) is Int8Linear and type(mlp.up_proj) is Int8Linear
+    x1, x2 = torch.randn(1, 80).bfloat16(), torch.randn(3, 80).bfloat16()
+    calls = [("q_proj", x1), ("k_proj", x1), ("v_proj", x1),   # as the models call them
+             ("v_proj", x2), ("q_proj", x2), ("q_proj", x2),   # out of order, one part twice
+             ("k_proj", x1), ("k_proj", x2), ("v_proj", x1)]   # the inputs interleaved
+    for name, x in calls:
+        assert torch.equal(getattr(attn, name)(x), ref[name](x)), (name, x.shape)
+    x3 = torch.randn(1, 80).bfloat16()
+    for name in names:  # once each, in order, on a new input
+        attn.get_submodule(name)(x3)
+    assert attn.q_proj._shared.output is None and attn.q_proj._shared.input is None  # nothing kept alive
 
 
 def test_both_kernels_compute_the_same_linear():
