@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -143,9 +144,10 @@ class Int8LinearPart(nn.Module):
         return f"rows {self.start}:{self.stop} of {self.stack.out_features}"
 
 
-class _SharedOutput:
+class _SharedOutput(threading.local):
     """The stack's last output, for the parts that have not taken it yet (not a module: the
-    parts share it without registering it twice)."""
+    parts share it without registering it twice). One per thread: a worker with concurrency
+    above 1 runs requests through the same layers in several threads at once."""
 
     def __init__(self, parts: int):
         self.parts, self.input, self.output, self.left = parts, None, None, 0

@@ -6,6 +6,7 @@ Speed is not tested here (the machine is shared); `python -m eval.bench direct` 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,34 @@ def test_a_stacked_part_computes_its_own_rows_whatever_the_call_order():
     for name in names:  # once each, in order, on a new input
         attn.get_submodule(name)(x3)
     assert attn.q_proj._shared.output is None and attn.q_proj._shared.input is None  # nothing kept alive
+
+    # Two requests in two threads (a worker with concurrency 2), one layer's calls interleaved.
+    got: dict[str, torch.Tensor] = {}
+    first_q_done, other_done = threading.Event(), threading.Event()
+
+    def request_a():
+        got["q"] = attn.q_proj(x1)
+        first_q_done.set()
+        other_done.wait(10)
+        got["k"], got["v"] = attn.k_proj(x1), attn.v_proj(x1)
+
+    def request_b():
+        first_q_done.wait(10)
+        for name in names:
+            got[f"b-{name}"] = getattr(attn, name)(x2)
+        other_done.set()
+
+    threads = [threading.Thread(target=request_a), threading.Thread(target=request_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    for name, short in zip(names, "qkv"):
+        assert torch.equal(got[short], ref[name](x1)) and torch.equal(got[f"b-{name}"], ref[name](x2)), name
+    # Each thread keeps its own stacked output: request b in between did not replace a's, so a's
+    # k and v are columns of the stack a computed for its q (state shared across threads could
+    # hand one request another's output when the threads switch inside a call).
+    assert got["k"].untyped_storage().data_ptr() == got["q"].untyped_storage().data_ptr() == got["v"].untyped_storage().data_ptr()
 
 
 def test_both_kernels_compute_the_same_linear():
