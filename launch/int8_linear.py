@@ -13,13 +13,15 @@ C++ extension (`_SOURCE`) compiled once with g++ through torch.utils.cpp_extensi
 torch's extension directory (launch/native.py):
 - decode (1..5 rows): an AVX-512 GEMV that streams the int8 weights once, widens them to fp32
   in registers and accumulates in fp32, per-channel scale and bias applied in the same pass.
+  It reads the weights tiled (64 output channels x 256 inputs a tile, rearranged once at load:
+  `int8_tile`), so 256 activations stay in registers while 64 channels stream past them.
   Decode is memory-bound; on ChatGLM3-6B / Qwen-7B shapes this is 1.1-1.45x faster per linear
   than `aten._weight_int8pack_mm` (~12.5 GB/s per core here); torch.compile's weight-only
   pattern was 20x slower, fbgemm needs activation quantization (docs/int8.md, "The kernel
   decision");
 - prefill (more rows): a GEMM that widens the weights to bf16 while packing them for oneDNN's
-  bf16 micro-kernel (brgemm), a cache-sized panel at a time: 0.95-0.99x bf16's time per linear
-  at 512 rows (prompt processing is compute-bound, so int8 can at best match bf16 there).
+  bf16 micro-kernel (brgemm), a cache-sized panel at a time, from the same tiled weights:
+  0.95-0.99x bf16's time per linear at 512 rows (prompt processing is compute-bound, so int8 can at best match bf16 there).
   From 6 rows it is also faster than the GEMV.
 Linears that read one input (q/k/v, gate/up) run as one stacked Int8Linear
 (`stack_shared_inputs`, applied by launch.quantize.load_int8).
@@ -55,6 +57,8 @@ FALLBACK_BLOCK = 2048
 # at any byte).
 _INT8PACK_K_MULTIPLE = 16
 _ALIGN = 64
+# Output channels of a tile in the tiled layout (`TILE_N` in the kernel source).
+TILE_N = 64
 # Set to 0 to use the fallbacks instead of the compiled kernels (for comparisons).
 KERNEL_ENV = "LLMD_INT8_KERNELS"
 
@@ -63,7 +67,7 @@ class Int8Linear(nn.Module):
     """A linear layer with symmetric per-output-channel int8 weights and bf16 activations."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, tile: bool = True):
         super().__init__()
         _check(weight, scale)
         self.out_features, self.in_features = weight.shape
@@ -78,18 +82,32 @@ class Int8Linear(nn.Module):
         # Built (or loaded from the cache) here, at model load, not in the first request.
         self._compiled = dtype == torch.bfloat16 and kernels() is not None
         self._packed = self._compiled and packed_mm_runs()
+        # The compiled kernels read the weights in the tiled layout (docs/int8.md, session 9), here
+        # a tiled copy; `tile=False` keeps them row-major: for a tied lm_head that shares the
+        # embedding's table, or for a caller that hands the tensor over to `tile_()`.
+        self.tiled = False
+        if tile and self._compiled:
+            self.weight, self.tiled = kernels().int8_tile(self.weight, False, False), True
+
+    def tile_(self) -> Int8Linear:
+        """Rearrange the weight into the tiled layout in place (no copy: for a loader that owns
+        the tensor); a no-op without the compiled kernels or when tiled already."""
+        if self._compiled and not self.tiled:
+            kernels().int8_tile(self.weight, False, True)
+            self.tiled = True
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
         kernel = self.kernel(x2.shape[0])
         if kernel == "gemv":  # the compiled kernels apply scale and bias themselves
-            y = kernels().int8_gemv(x2, self.weight, self.scale, self.bias)
+            y = kernels().int8_gemv(x2, self.weight, self.scale, self.bias, self.tiled)
         elif kernel == "packed":
-            y = kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias)
+            y = kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias, self.tiled)
         else:
             if kernel == "int8pack":
-                y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(self.dtype))
+                y = torch._weight_int8pack_mm(x2.contiguous(), self.dense_weight(), self.scale.to(self.dtype))
             else:
                 y = self._widened_matmul(x2)
             if self.bias is not None:
@@ -107,18 +125,31 @@ class Int8Linear(nn.Module):
             return "packed"
         return "int8pack" if decode and self._int8pack else "widened"
 
+    def dense_weight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Output channels start..stop of the int8 weight as a row-major [stop - start, in] tensor
+        (a copy when the weight is tiled; `start` a multiple of TILE_N then)."""
+        stop = self.out_features if stop is None else stop
+        if not self.tiled:
+            return self.weight[start:stop]
+        if start % TILE_N:
+            raise ValueError(f"a tiled weight's rows start at a multiple of {TILE_N}, not {start}")
+        # The channels from a tile boundary on are a tiled [stop - start, in] weight themselves.
+        rows = self.weight.view(-1)[start * self.in_features : stop * self.in_features]
+        return kernels().int8_tile(rows.view(stop - start, self.in_features), True, False)
+
     def _widened_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         # int8 -> bf16 is exact (|q| <= 127 fits bf16's 8-bit significand), so the scale is
         # applied once to the output instead of rounding every weight to bf16.
         blocks = [
-            F.linear(x2, self.weight[i : i + FALLBACK_BLOCK].to(x2.dtype))
+            F.linear(x2, self.dense_weight(i, min(i + FALLBACK_BLOCK, self.out_features)).to(x2.dtype))
             for i in range(0, self.out_features, FALLBACK_BLOCK)
         ]
         y = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
         return y.mul_(self.scale.to(y.dtype))  # bf16 * bf16 in place: fp32 * bf16 would be 2x slower
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+                + (", tiled" if self.tiled else ""))
 
 
 class Int8LinearPart(nn.Module):
@@ -182,8 +213,9 @@ def stack_shared_inputs(model: nn.Module) -> int:
                 continue
             if len({(m.in_features, m.dtype, m.bias is None) for m in layers}) != 1:
                 continue
-            stack = Int8Linear(torch.cat([m.weight for m in layers]), torch.cat([m.scale for m in layers]),
-                               None if layers[0].bias is None else torch.cat([m.bias for m in layers]), layers[0].dtype)
+            stack = Int8Linear(torch.cat([m.dense_weight() for m in layers]), torch.cat([m.scale for m in layers]),
+                               None if layers[0].bias is None else torch.cat([m.bias for m in layers]), layers[0].dtype,
+                               tile=any(m.tiled for m in layers))
             shared, start = _SharedOutput(len(layers)), 0
             for name, m in zip(names, layers):
                 setattr(parent, name, Int8LinearPart(stack, start, start + m.out_features, shared))
@@ -326,6 +358,135 @@ static void run(const float* x, int64_t K, const int8_t* w, int64_t N, const flo
   });
 }
 
+// --- the tiled layout --------------------------------------------------------------------
+// A tiled weight holds the same N x K bytes as tiles of TILE_N output channels x TILE_K inputs
+// (the last ones smaller), the tiles of channels n0.. n0+TILE_N-1 one after another over K, each
+// tile row-major: tile (n0, k0) starts at n0 * K + k0 * rows(n0) and its rows are cols(k0) bytes
+// apart. A block of channels is still one sequential stream; what changes is that the GEMV works
+// on 256 inputs at a time, which it keeps in 16 registers while it streams 64 channels' tiles.
+// 65536x4096, 2 threads, 300 rounds alternated with amax (docs/int8.md, session 9): the row-major
+// kernel streamed 0.72 / 0.68 of amax when amax read 40-50 / 50+ GB/s, this one 0.89 / 0.84
+// (0.90 both below 40 GB/s), with the prefetch 8 KiB ahead (4 KiB: 0.75 / 0.71).
+constexpr int64_t TILE_N = 64, TILE_K = 256, TILED_PREFETCH_BYTES = 8192;
+
+static inline int64_t tile_rows(int64_t N, int64_t n0) { return std::min(TILE_N, N - n0); }
+static inline int64_t tile_cols(int64_t K, int64_t k0) { return std::min(TILE_K, K - k0); }
+static inline const int8_t* tiled_at(const int8_t* w, int64_t N, int64_t K, int64_t n, int64_t k) {
+  const int64_t n0 = n - n % TILE_N, k0 = k - k % TILE_K;
+  return w + n0 * K + k0 * tile_rows(N, n0) + (n - n0) * tile_cols(K, k0) + (k - k0);
+}
+
+// w [N, K] row-major -> tiled (or back, `untile`), into a new tensor or `in_place`. A block of
+// TILE_N channels holds the same bytes in both layouts, so in place needs one block of scratch
+// (a copy of a whole 7B model's weights would raise the worker's peak memory by the largest
+// layers and leave freed pages behind in the heap: +0.87 GB VmHWM and RSS for ChatGLM3-6B).
+torch::Tensor int8_tile(torch::Tensor w, bool untile, bool in_place) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "int8_tile: contiguous int8 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out = in_place ? w : torch::empty_like(w);
+  const int8_t* src = w.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, (N + TILE_N - 1) / TILE_N, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int8_t> scratch(in_place ? TILE_N * K : 0);
+    for (int64_t n0 = b0 * TILE_N; n0 < std::min(N, b1 * TILE_N); n0 += TILE_N) {
+      const int64_t nr = tile_rows(N, n0);
+      const int8_t* from = src + n0 * K;
+      if (in_place) from = static_cast<const int8_t*>(memcpy(scratch.data(), from, nr * K));
+      int8_t* to = dst + n0 * K;
+      for (int64_t k0 = 0; k0 < K; k0 += TILE_K)
+        for (int64_t r = 0, kw = tile_cols(K, k0); r < nr; ++r) {
+          const int64_t row_major = r * K + k0, tiled = k0 * nr + r * kw;  // within the block
+          memcpy(to + (untile ? row_major : tiled), from + (untile ? tiled : row_major), kw);
+        }
+    }
+  });
+  return out;
+}
+
+// One input row, one full tile: the 256 activations stay in xv's 16 registers, and four chains
+// of FMAs per channel keep the FMA units busy.
+static inline void tile_gemv_1(const __m512* xv, const int8_t* t, int64_t nr, __m512* part) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int8_t* p = t + r * TILE_K;
+    for (int l = 0; l < TILE_K; l += 64) _mm_prefetch((const char*)(p + l + TILED_PREFETCH_BYTES), _MM_HINT_T1);
+    __m512 a0 = _mm512_mul_ps(xv[0], widen16(p)), a1 = _mm512_mul_ps(xv[1], widen16(p + 16));
+    __m512 a2 = _mm512_mul_ps(xv[2], widen16(p + 32)), a3 = _mm512_mul_ps(xv[3], widen16(p + 48));
+    for (int j = 4; j < 16; j += 4) {
+      a0 = _mm512_fmadd_ps(xv[j], widen16(p + 16 * j), a0);
+      a1 = _mm512_fmadd_ps(xv[j + 1], widen16(p + 16 * j + 16), a1);
+      a2 = _mm512_fmadd_ps(xv[j + 2], widen16(p + 16 * j + 32), a2);
+      a3 = _mm512_fmadd_ps(xv[j + 3], widen16(p + 16 * j + 48), a3);
+    }
+    part[r] = _mm512_add_ps(part[r], _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+}
+
+// M input rows (read from L1), any tile: a narrower last tile, or prompts of 2..5 tokens.
+template <int M>
+static inline void tile_gemv(const float* x, int64_t K, int64_t k0, const int8_t* t, int64_t nr, int64_t kw,
+                             __m512 (*part)[TILE_N]) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int8_t* p = t + r * kw;
+    for (int64_t l = 0; l < kw; l += 64) _mm_prefetch((const char*)(p + l + TILED_PREFETCH_BYTES), _MM_HINT_T1);
+    __m512 a[M][2];
+    for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= kw; j += 32) {
+      const __m512 w0 = widen16(p + j), w1 = widen16(p + j + 16);
+      for (int m = 0; m < M; ++m) {
+        a[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k0 + j), w0, a[m][0]);
+        a[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k0 + j + 16), w1, a[m][1]);
+      }
+    }
+    for (; j < kw; j += 16) {
+      const __mmask16 mask = j + 16 <= kw ? (__mmask16)0xFFFF : (__mmask16)((1u << (kw - j)) - 1);
+      const __m512 w0 = widen16(p + j, mask);
+      for (int m = 0; m < M; ++m) a[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * K + k0 + j), w0, a[m][0]);
+    }
+    for (int m = 0; m < M; ++m) part[m][r] = _mm512_add_ps(part[m][r], _mm512_add_ps(a[m][0], a[m][1]));
+  }
+}
+
+template <int M>
+static void tiled_block(const float* x, int64_t N, int64_t K, const int8_t* w, int64_t n0, const float* scale,
+                        const at::BFloat16* bias, at::BFloat16* y) {
+  const int64_t nr = tile_rows(N, n0);
+  __m512 part[M][TILE_N];  // per channel and input row: 16 partial sums, added up at the end
+  for (int m = 0; m < M; ++m)
+    for (int64_t r = 0; r < nr; ++r) part[m][r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += TILE_K) {
+    const int64_t kw = tile_cols(K, k0);
+    const int8_t* t = w + n0 * K + k0 * nr;
+    if (M == 1 && kw == TILE_K) {
+      __m512 xv[TILE_K / 16];
+      for (int j = 0; j < TILE_K / 16; ++j) xv[j] = _mm512_loadu_ps(x + k0 + 16 * j);
+      tile_gemv_1(xv, t, nr, part[0]);
+    } else {
+      tile_gemv<M>(x, K, k0, t, nr, kw, part);
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const float s = scale[n0 + r], b = bias ? static_cast<float>(bias[n0 + r]) : 0.f;
+    for (int m = 0; m < M; ++m) y[m * N + n0 + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(part[m][r]) * s + b);
+  }
+}
+
+template <int M>
+static void run_tiled(const float* x, int64_t K, const int8_t* w, int64_t N, const float* scale,
+                      const at::BFloat16* bias, at::BFloat16* y) {
+  // Chunks of channel blocks from a shared counter, sized as in `run`.
+  const int64_t blocks = (N + TILE_N - 1) / TILE_N;
+  const int64_t share = N * K / std::max<int64_t>(1, 8 * at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(2 << 20, std::max<int64_t>(32 << 10, share)) / (TILE_N * K));
+  const int64_t chunks = (blocks + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      for (int64_t b = c * chunk; b < std::min(blocks, (c + 1) * chunk); ++b)
+        tiled_block<M>(x, N, K, w, b * TILE_N, scale, bias, y);
+  });
+}
+
 // What both kernels take: x [M, K] (any dtype and strides), w int8 [N, K] contiguous, scale
 // float32 [N] contiguous, bias [N] or none (returned as contiguous bf16, or undefined).
 static void check_operands(const char* name, const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
@@ -341,7 +502,7 @@ static torch::Tensor bias_bf16(const char* name, const c10::optional<torch::Tens
   return bb;
 }
 
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias, bool tiled) {
   check_operands("int8_gemv", x, w, scale);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M >= 1 && M <= 5, "int8_gemv: 1..5 rows");
@@ -362,6 +523,16 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
   // otherwise fill the core's reorder window before enough lines are in flight. 2 threads,
   // 65536x4096, 15 rounds alternating: 34-40 GB/s with it, 27-30 without (amax read 31-35 and
   // 47-49 GB/s in the same rounds); 2 or 8-16 KiB ahead, or into L1, gained less or lost.
+  if (tiled) {
+    switch (M) {
+      case 1: run_tiled<1>(xp, K, wp, N, sp, bp, yp); break;
+      case 2: run_tiled<2>(xp, K, wp, N, sp, bp, yp); break;
+      case 3: run_tiled<3>(xp, K, wp, N, sp, bp, yp); break;
+      case 4: run_tiled<4>(xp, K, wp, N, sp, bp, yp); break;
+      default: run_tiled<5>(xp, K, wp, N, sp, bp, yp); break;
+    }
+    return y;
+  }
   switch (M) {
     case 1:
       if (K * sizeof(float) <= 16 << 10) run<1, 1, 8>(xp, K, wp, N, sp, bp, yp);
@@ -385,6 +556,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
 // memory first and calling a bf16 GEMM (the previous version) cost 1.05-1.15x bf16's time;
 // this is 0.95-0.99x (docs/int8.md).
 constexpr int64_t PANEL_N = 64, PANEL_K = 2048, ROWS_PER_CALL = 64;
+static_assert(PANEL_K % 32 == 0 && TILE_K % 32 == 0, "pack_panel widens runs of 32 inputs within one tile");
 
 static inline __m512 bf16x16_to_fp32(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -435,13 +607,19 @@ static inline void transpose16x16(__m512i r[16]) {
 // Rows n0 .. n0+nb of w [N, K] (nb <= PANEL_N; missing rows are zeros), inputs k0 .. k0+kb
 // (kb even) -> out[k / 2][n][k % 2] as bf16: each 32-bit unit is one pair of inputs of one
 // output channel, so widening 16 channels x 32 inputs and transposing 16x16 units packs them.
-static void pack_panel(const int8_t* w, int64_t K, int64_t n0, int64_t nb, int64_t k0, int64_t kb, at::BFloat16* out) {
+// With `tiled`, w is in the tiled layout: a 32-input run never crosses a tile (PANEL_K and TILE_K
+// are multiples of 32).
+static inline const int8_t* weight_at(const int8_t* w, int64_t N, int64_t K, int64_t n, int64_t k, bool tiled) {
+  return tiled ? tiled_at(w, N, K, n, k) : w + n * K + k;
+}
+static void pack_panel(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t nb, int64_t k0, int64_t kb, bool tiled,
+                       at::BFloat16* out) {
   for (int64_t nt = 0; nt < PANEL_N; nt += 16) {
     for (int64_t k = 0; k < kb; k += 32) {
       const __mmask32 mask = k + 32 <= kb ? ~(__mmask32)0 : (__mmask32)((1ull << (kb - k)) - 1);
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = nt + i < nb ? widen32_bf16(w + (n0 + nt + i) * K + k0 + k, mask) : _mm512_setzero_si512();
+        r[i] = nt + i < nb ? widen32_bf16(weight_at(w, N, K, n0 + nt + i, k0 + k, tiled), mask) : _mm512_setzero_si512();
       transpose16x16(r);
       const int64_t pairs = std::min<int64_t>(16, (kb - k) / 2);
       for (int j = 0; j < pairs; ++j) _mm512_storeu_si512(out + ((k / 2 + j) * PANEL_N + nt) * 2, r[j]);
@@ -449,7 +627,7 @@ static void pack_panel(const int8_t* w, int64_t K, int64_t n0, int64_t nb, int64
   }
 }
 
-torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias, bool tiled) {
   check_operands("int8_packed_mm", x, w, scale);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   // The micro-kernel takes inputs in pairs; an odd last input is added in the epilogue.
@@ -477,14 +655,14 @@ torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sca
       if (K2 == 0) sums.zero_();
       for (int64_t k0 = 0; k0 < K2; k0 += PANEL_K) {
         const int64_t kb = std::min(PANEL_K, K2 - k0);
-        pack_panel(wp, K, n0, nb, k0, kb, pk);
+        pack_panel(wp, N, K, n0, nb, k0, kb, tiled, pk);
         for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_CALL)
           at::native::cpublas::brgemm(std::min(ROWS_PER_CALL, M - m0), PANEL_N, kb, K, PANEL_N, PANEL_N, k0 > 0,
                                       xp + m0 * K + k0, pk, c + m0 * PANEL_N);
       }
       alignas(64) float w_last[PANEL_N] = {0};  // w[n, K - 1] when K is odd
       if (K2 < K)
-        for (int64_t i = 0; i < nb; ++i) w_last[i] = wp[(n0 + i) * K + K2];
+        for (int64_t i = 0; i < nb; ++i) w_last[i] = *weight_at(wp, N, K, n0 + i, K2, tiled);
       for (int64_t m = 0; m < M; ++m) {
         const __m512 x_last = _mm512_set1_ps(K2 < K ? static_cast<float>(xp[m * K + K2]) : 0.f);
         for (int64_t j = 0; j < nb; j += 16) {
@@ -507,7 +685,7 @@ torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sca
 def kernels():
     """The compiled kernels (an extension module with `int8_gemv` and `int8_packed_mm`), or None
     when they cannot be built here (launch/native.py says why in a warning)."""
-    return native.load("llmd_int8", _SOURCE, ["int8_gemv", "int8_packed_mm"],
+    return native.load("llmd_int8", _SOURCE, ["int8_gemv", "int8_packed_mm", "int8_tile"],
                        fallback="_weight_int8pack_mm and a widened bf16 GEMM", env=KERNEL_ENV, logger=log)
 
 
@@ -517,7 +695,7 @@ def packed_mm_runs() -> bool:
     which not every AVX-512 CPU has (then torch raises; prompts take the PyTorch fallback)."""
     try:
         kernels().int8_packed_mm(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.int8),
-                                 torch.ones(1), None)
+                                 torch.ones(1), None, False)
         return True
     except RuntimeError as e:
         log.warning("llmd_int8: the prompt kernel cannot run on this CPU (%s); prompts use a widened bf16 "

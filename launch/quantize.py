@@ -149,11 +149,11 @@ def load_int8(model_dir: Path, threads: int | None = None) -> PreTrainedModel:
         if isinstance(module, nn.Embedding):
             _set_module(model, name, Int8Embedding(weight, scale))
         else:
-            _set_module(model, name, Int8Linear(weight, scale, bias))
+            _set_module(model, name, Int8Linear(weight, scale, bias, tile=False))  # tiled in place below
     tied = manifest.get("tied_lm_head")
     if tied:  # lm_head computes with the embedding's int8 tensors: one copy in memory
         emb = _module(model, tied["embedding"])
-        _set_module(model, tied["lm_head"], Int8Linear(emb.weight, emb.scale))
+        _set_module(model, tied["lm_head"], Int8Linear(emb.weight, emb.scale, tile=False))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise QuantizeError(f"{model_dir}: tensors the model does not have: {unexpected[:5]}")
@@ -163,6 +163,10 @@ def load_int8(model_dir: Path, threads: int | None = None) -> PreTrainedModel:
     if left:
         raise QuantizeError(f"{model_dir}: no weights for {left[:5]} ({len(left)} tensors); re-quantize the source")
     stack_shared_inputs(model)  # q/k/v and gate/up as one call each: fewer, larger GEMVs
+    head = model.get_output_embeddings() if tied else None
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module is not head:  # a tied head reads the embedding's rows
+            module.tile_()
     return model.eval()
 
 

@@ -95,7 +95,7 @@ def test_round_trip_gives_identical_outputs(tiny, tmp_path):
     greedy = Sampling(max_new_tokens=12, temperature=0)
     assert list(generate(first, ids[:5], greedy)) == list(generate(second, ids[:5], greedy))
     # The saved integers are what INC computed: per-channel symmetric, max |q| = 127 per row.
-    q = first.model.layers[0].mlp.down_proj.weight
+    q = first.model.layers[0].mlp.down_proj.dense_weight()
     assert q.dtype == torch.int8 and int(q.abs().amax(1).min()) == 127
 
 
@@ -178,7 +178,11 @@ def test_quant_lm_head_false_reaches_the_int8_folder(source, request, tmp_path):
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
     if source == "tiny_tied":
         assert head.weight.data_ptr() == emb.weight.data_ptr()  # one copy in memory, as in bf16
-    assert isinstance(load_int8(default).lm_head, Int8Linear)
+    int8_model = load_int8(default)
+    assert isinstance(int8_model.lm_head, Int8Linear)
+    if source == "tiny_tied":  # the int8 head reads the embedding's row-major table: one copy
+        assert not int8_model.lm_head.tiled and int8_model.model.layers[0].mlp.down_proj.tiled == (kernels() is not None)
+        assert int8_model.lm_head.weight.data_ptr() == int8_model.model.embed_tokens.weight.data_ptr()
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
     ids = [7, 9, 11]
     assert rel_error(last_logits(model, ids), last_logits(ref, ids)) < TINY_REL_TOL
@@ -197,7 +201,7 @@ def test_linears_that_share_an_input_run_as_one_stack(tiny, tmp_path, monkeypatc
             # One copy of the weights: each part's rows of the stack are the layer it replaced.
             assert parts[0].stack.weight.shape[0] == sum(getattr(ref_parent, n).out_features for n in names)
             for p, n in zip(parts, names):
-                assert torch.equal(p.stack.weight[p.start : p.stop], getattr(ref_parent, n).weight)
+                assert torch.equal(p.stack.dense_weight()[p.start : p.stop], getattr(ref_parent, n).dense_weight())
         assert type(layer.mlp.down_proj) is Int8Linear and type(ref.self_attn.q_proj) is Int8Linear
     long_ids, short_ids = list(range(5, 5 + 3 * DECODE_MAX_ROWS)), [7, 9, 11]  # prefill and decode kernels
     for ids in (long_ids, short_ids):
@@ -362,13 +366,15 @@ def unaligned_int8(rows: int, cols: int, offset: int = 3) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 2), (3, 3), (7, 15), (9, 16), (37, 17), (259, 100), (130, 2050), (33, 4096), (64, 4101)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_bias):
+@pytest.mark.parametrize("tile", [True, False])
+def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_bias, tile):
     torch.manual_seed(out_features * 1000 + in_features)
     w = unaligned_int8(out_features, in_features)
     scale = torch.rand(out_features) / 50 + 1e-4
     bias = torch.randn(out_features) if with_bias else None
-    layer = Int8Linear(w, scale, bias)
+    layer = Int8Linear(w, scale, bias, tile=tile)  # tiled; row-major as a tied lm_head
     assert layer._compiled and layer._packed == BF16_CPU, "the compiled kernels are not in use"
+    assert layer.tiled == tile and torch.equal(layer.dense_weight(), w)
     # 1..5 rows: the GEMV; then the packed GEMM, whose micro-kernel takes at most 64 rows a call.
     for rows in [*range(1, DECODE_MAX_ROWS + 2), 64, 65, 130]:
         x = torch.randn(rows, in_features).bfloat16()
@@ -398,9 +404,10 @@ def test_kernels_take_strided_and_batched_inputs_and_outliers():
 def test_decode_and_prefill_paths_agree_with_the_fallback():
     torch.manual_seed(2)
     w, scale, bias = unaligned_int8(200, 128), torch.rand(200) / 50, torch.randn(200)
-    compiled, fallback, no_bf16 = Int8Linear(w, scale, bias), Int8Linear(w, scale, bias), Int8Linear(w, scale, bias)
+    compiled, fallback, no_bf16 = Int8Linear(w, scale, bias), Int8Linear(w, scale, bias, tile=False), Int8Linear(w, scale, bias)
     fallback._compiled = fallback._packed = False  # _weight_int8pack_mm; the PyTorch widened GEMM
-    no_bf16._packed = False  # a CPU without bf16 instructions: the GEMV, then the PyTorch GEMM
+    no_bf16._packed = False  # a CPU without bf16 instructions: the GEMV, then the PyTorch GEMM on untiled blocks
+    assert compiled.tiled and no_bf16.tiled
     for rows in (1, 3, 8, 9, 40):
         decode = rows <= DECODE_MAX_ROWS
         expected = ("gemv", "int8pack", "gemv") if decode else ("packed" if BF16_CPU else "widened", "widened", "widened")
@@ -414,6 +421,28 @@ def test_decode_and_prefill_paths_agree_with_the_fallback():
         x = torch.randn(9, 128).bfloat16()
         assert compiled.kernel(9) == "widened" and compiled.kernel(1) == "gemv"
         assert rel_error(compiled(x), fallback(x)) < 1e-6
+
+
+@needs_kernel
+def test_the_tiled_layout_is_tiles_of_64_channels_by_256_inputs():
+    # 130 x 2050: a last block of 2 channels and a last tile of 2 inputs.
+    w = torch.randint(-127, 128, (130, 2050), dtype=torch.int8)
+    tiled = kernels().int8_tile(w, False, False)
+    flat = tiled.view(-1)
+    assert torch.equal(flat[: 64 * 256], w[:64, :256].flatten())  # the first tile, row-major
+    n, k = 70, 300  # channels 64..127, tile 1 (inputs 256..511): row 6, column 44
+    assert flat[64 * 2050 + 256 * 64 + 6 * 256 + 44] == w[n, k]
+    last = flat[128 * 2050 + 2048 * 2:]  # channels 128, 129, inputs 2048, 2049
+    assert torch.equal(last, w[128:, 2048:].flatten())
+    assert torch.equal(kernels().int8_tile(tiled, True, False), w)
+    layer = Int8Linear(w, torch.rand(130))  # a tiled copy: the caller's tensor is left as it was
+    assert torch.equal(layer.weight, tiled) and torch.equal(layer.dense_weight(64, 130), w[64:])
+    owned = Int8Linear(w.clone(), torch.rand(130), tile=False)
+    before = owned.weight.data_ptr()
+    owned.tile_()  # what load_int8 does: the same memory, rearranged
+    assert owned.tiled and owned.weight.data_ptr() == before and torch.equal(owned.weight, tiled)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        layer.dense_weight(3, 10)
 
 
 def test_without_a_compiler_the_kernel_falls_back_with_a_warning(monkeypatch, caplog):
