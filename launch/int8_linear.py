@@ -20,9 +20,10 @@ torch's extension directory (launch/native.py):
   pattern was 20x slower, fbgemm needs activation quantization (docs/int8.md, "The kernel
   decision");
 - prefill (more rows): a GEMM that widens the weights to bf16 while packing them for oneDNN's
-  bf16 micro-kernel (brgemm), a cache-sized panel at a time, from the same tiled weights:
-  0.95-0.99x bf16's time per linear at 512 rows (prompt processing is compute-bound, so int8 can at best match bf16 there).
-  From 6 rows it is also faster than the GEMV.
+  bf16 micro-kernel (brgemm), a cache-sized panel at a time, from the same tiled weights, in
+  panels shaped for the CPU (AMX or not): about bf16's time on a 512-token prompt (prompt
+  processing is compute-bound, so int8 can at best match bf16 there; docs/int8.md has the
+  numbers per host). From 6 rows it is also faster than the GEMV.
 Linears that read one input (q/k/v, gate/up) run as one stacked Int8Linear
 (`stack_shared_inputs`, applied by launch.quantize.load_int8).
 Without g++ or AVX-512 Int8Linear falls back to `_weight_int8pack_mm` for decode and to
@@ -59,6 +60,8 @@ _INT8PACK_K_MULTIPLE = 16
 _ALIGN = 64
 # Output channels of a tile in the tiled layout (`TILE_N` in the kernel source).
 TILE_N = 64
+# The prompt kernel's panel shapes (`Panel` in the kernel source): AUTO picks by CPU and input size.
+PANEL_AUTO, PANEL_SHAPES = 0, {1: (64, 2048), 2: (128, 2048), 3: (256, 512)}
 # Set to 0 to use the fallbacks instead of the compiled kernels (for comparisons).
 KERNEL_ENV = "LLMD_INT8_KERNELS"
 
@@ -104,7 +107,7 @@ class Int8Linear(nn.Module):
         if kernel == "gemv":  # the compiled kernels apply scale and bias themselves
             y = kernels().int8_gemv(x2, self.weight, self.scale, self.bias, self.tiled)
         elif kernel == "packed":
-            y = kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias, self.tiled)
+            y = kernels().int8_packed_mm(x2, self.weight, self.scale, self.bias, self.tiled, PANEL_AUTO)
         else:
             if kernel == "int8pack":
                 y = torch._weight_int8pack_mm(x2.contiguous(), self.dense_weight(), self.scale.to(self.dtype))
@@ -262,6 +265,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <atomic>
 
@@ -548,15 +552,30 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c
 
 // Prefill (more rows): y = (x @ w.T) * scale + bias as one GEMM that widens the int8 weights
 // while packing them for oneDNN's bf16 micro-kernel (brgemm, through at::native::cpublas). A
-// panel of PANEL_N output channels x PANEL_K inputs is widened to bf16 (exact: |q| <= 127 fits
-// bf16's significand) straight into the pair-interleaved ("VNNI") layout the micro-kernel
-// reads, in a 256 KiB buffer that stays in the core's L2, and multiplied with every row of x
-// before the next panel is widened. Products are summed in fp32; scale and bias are applied
-// once, when the fp32 sums are rounded to bf16. Widening whole blocks of weights to bf16 in
-// memory first and calling a bf16 GEMM (the previous version) cost 1.05-1.15x bf16's time;
-// this is 0.95-0.99x (docs/int8.md).
-constexpr int64_t PANEL_N = 64, PANEL_K = 2048, ROWS_PER_CALL = 64;
-static_assert(PANEL_K % 32 == 0 && TILE_K % 32 == 0, "pack_panel widens runs of 32 inputs within one tile");
+// panel of PN output channels x PK inputs is widened to bf16 (exact: |q| <= 127 fits bf16's
+// significand) straight into the pair-interleaved ("VNNI") layout the micro-kernel reads, in a
+// buffer that stays in the core's L2, and multiplied with every row of x before the next panel
+// is widened. Products are summed in fp32; scale and bias are applied once, when the fp32 sums
+// are rounded to bf16. Widening whole blocks of weights to bf16 in memory first and calling a
+// bf16 GEMM (the first version) cost 1.05-1.15x bf16's time.
+// The panel shape is the micro-kernel's blocking, and what suits it depends on the CPU: with
+// AMX (Intel Xeon, session 10) 128 x 2048, or 256 x 512 for inputs longer than 8192 (the down
+// projections), made the 7B shapes at 512 rows 0.93-1.02x and 0.82-0.85x bf16's time where 64 x
+// 2048 made 1.04-1.15x; without AMX (AMD Zen 4, sessions 4-9) 64 x 2048 is the measured one.
+constexpr int64_t ROWS_PER_CALL = 64;
+enum Panel : int64_t { PANEL_AUTO = 0, PANEL_64x2048 = 1, PANEL_128x2048 = 2, PANEL_256x512 = 3 };
+static_assert(TILE_K % 32 == 0, "pack_panel widens runs of 32 inputs within one tile");
+
+static bool cpu_has_amx() {  // AMX-BF16 and AMX-TILE, and tile state enabled by the OS (XCR0 bits 17, 18)
+  static const bool amx = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & (3u << 17)) == (3u << 17);
+  }();
+  return amx;
+}
 
 static inline __m512 bf16x16_to_fp32(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -576,6 +595,8 @@ static inline __m512i widen32_bf16(const int8_t* p, __mmask32 mask) {
                                                31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   return _mm512_permutex2var_epi16(_mm512_castps_si512(lo), high_halves, _mm512_castps_si512(hi));
 }
+
+static inline __m512i widen32_bf16(const int8_t* p) { return widen32_bf16(p, ~(__mmask32)0); }
 
 // In: r[i] = 16 32-bit units of row i. Out: r[j] = unit j of rows 0..15.
 static inline void transpose16x16(__m512i r[16]) {
@@ -604,31 +625,55 @@ static inline void transpose16x16(__m512i r[16]) {
   }
 }
 
-// Rows n0 .. n0+nb of w [N, K] (nb <= PANEL_N; missing rows are zeros), inputs k0 .. k0+kb
-// (kb even) -> out[k / 2][n][k % 2] as bf16: each 32-bit unit is one pair of inputs of one
-// output channel, so widening 16 channels x 32 inputs and transposing 16x16 units packs them.
-// With `tiled`, w is in the tiled layout: a 32-input run never crosses a tile (PANEL_K and TILE_K
-// are multiples of 32).
+// Rows n0 .. n0+nb of w [N, K] (nb <= PN; missing rows are zeros), inputs k0 .. k0+kb (kb
+// even) -> out[k / 2][n][k % 2] as bf16: each 32-bit unit is one pair of inputs of one output
+// channel, so widening 16 channels x 32 inputs and transposing 16x16 units packs them. n0 and,
+// in the tiled layout, k0 are multiples of the tile's sides, so within a tile (or the row-major
+// chunk) the 16 rows are one stride apart and a 32-input run never crosses a tile. Computing
+// that address once per run instead of per row and widening full runs unmasked made packing
+// 25-40% faster (session 10).
 static inline const int8_t* weight_at(const int8_t* w, int64_t N, int64_t K, int64_t n, int64_t k, bool tiled) {
   return tiled ? tiled_at(w, N, K, n, k) : w + n * K + k;
 }
+template <int64_t PN>
 static void pack_panel(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t nb, int64_t k0, int64_t kb, bool tiled,
                        at::BFloat16* out) {
-  for (int64_t nt = 0; nt < PANEL_N; nt += 16) {
-    for (int64_t k = 0; k < kb; k += 32) {
-      const __mmask32 mask = k + 32 <= kb ? ~(__mmask32)0 : (__mmask32)((1ull << (kb - k)) - 1);
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = nt + i < nb ? widen32_bf16(weight_at(w, N, K, n0 + nt + i, k0 + k, tiled), mask) : _mm512_setzero_si512();
-      transpose16x16(r);
-      const int64_t pairs = std::min<int64_t>(16, (kb - k) / 2);
-      for (int j = 0; j < pairs; ++j) _mm512_storeu_si512(out + ((k / 2 + j) * PANEL_N + nt) * 2, r[j]);
+  static_assert(PN % TILE_N == 0, "a panel is whole blocks of tile rows");
+  for (int64_t sub = 0; sub < PN; sub += TILE_N) {
+    const int64_t rows = std::min(TILE_N, nb - sub);  // this block's channels; <= 0: zeros
+    for (int64_t ks = k0; ks < k0 + kb; ks += tiled ? TILE_K : kb) {
+      const int64_t ke = tiled ? std::min(k0 + kb, ks + TILE_K) : k0 + kb;
+      // Channel n0 + sub + i, input k is at base + i * stride + (k - ks).
+      const int64_t stride = rows <= 0 ? 0 : tiled ? tile_cols(K, ks) : K;
+      const int8_t* base = rows <= 0 ? w : tiled ? w + (n0 + sub) * K + ks * tile_rows(N, n0 + sub) : w + (n0 + sub) * K + ks;
+      for (int64_t nt = 0; nt < TILE_N; nt += 16) {
+        for (int64_t k = ks; k < ke; k += 32) {
+          __m512i r[16];
+          const int64_t valid = std::min<int64_t>(32, ke - k);
+          const int8_t* p = base + std::max<int64_t>(0, std::min(nt, rows - 1)) * stride + (k - ks);
+          if (valid == 32 && nt + 16 <= rows) {
+            // The next 16 rows (16 * stride bytes, 512 a run) into L1: in a model, where the weights
+            // come from memory, not the L3 as in a single-shape loop, ChatGLM3-6B's linears took
+            // 2.70 instead of 2.77 s of a 512-token prompt (session 10).
+            if (tiled)
+              for (int l = 0; l < 8; ++l) _mm_prefetch((const char*)(p - (k - ks) + 16 * stride) + (k - ks) * 16 + l * 64, _MM_HINT_T0);
+            for (int i = 0; i < 16; ++i) r[i] = widen32_bf16(p + i * stride);
+          } else {
+            const __mmask32 mask = valid == 32 ? ~(__mmask32)0 : (__mmask32)((1ull << valid) - 1);
+            for (int i = 0; i < 16; ++i) r[i] = nt + i < rows ? widen32_bf16(p + i * stride, mask) : _mm512_setzero_si512();
+          }
+          transpose16x16(r);
+          const int64_t pairs = std::min<int64_t>(16, (ke - k) / 2);
+          for (int j = 0; j < pairs; ++j) _mm512_storeu_si512(out + (((k - k0) / 2 + j) * PN + sub + nt) * 2, r[j]);
+        }
+      }
     }
   }
 }
 
-torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias, bool tiled) {
-  check_operands("int8_packed_mm", x, w, scale);
+template <int64_t PN, int64_t PK>
+static torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                               const c10::optional<torch::Tensor>& bias, bool tiled) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   // The micro-kernel takes inputs in pairs; an odd last input is added in the epilogue.
   const int64_t K2 = K & ~int64_t(1);
@@ -642,32 +687,32 @@ torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sca
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   // Threads take panels from a shared counter, as in the GEMV: a preempted thread's panels
   // are taken over instead of waited for.
-  const int64_t panels = (N + PANEL_N - 1) / PANEL_N;
+  const int64_t panels = (N + PN - 1) / PN;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), panels);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    auto packed = torch::empty({PANEL_K * PANEL_N}, xb.options());
-    auto sums = torch::empty({M, PANEL_N}, xb.options().dtype(at::kFloat));
+    auto packed = torch::empty({PK * PN}, xb.options());
+    auto sums = torch::empty({M, PN}, xb.options().dtype(at::kFloat));
     at::BFloat16* pk = packed.data_ptr<at::BFloat16>();
     float* c = sums.data_ptr<float>();
     for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < panels;) {
-      const int64_t n0 = p * PANEL_N, nb = std::min(PANEL_N, N - n0);
+      const int64_t n0 = p * PN, nb = std::min(PN, N - n0);
       if (K2 == 0) sums.zero_();
-      for (int64_t k0 = 0; k0 < K2; k0 += PANEL_K) {
-        const int64_t kb = std::min(PANEL_K, K2 - k0);
-        pack_panel(wp, N, K, n0, nb, k0, kb, tiled, pk);
+      for (int64_t k0 = 0; k0 < K2; k0 += PK) {
+        const int64_t kb = std::min(PK, K2 - k0);
+        pack_panel<PN>(wp, N, K, n0, nb, k0, kb, tiled, pk);
         for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_CALL)
-          at::native::cpublas::brgemm(std::min(ROWS_PER_CALL, M - m0), PANEL_N, kb, K, PANEL_N, PANEL_N, k0 > 0,
-                                      xp + m0 * K + k0, pk, c + m0 * PANEL_N);
+          at::native::cpublas::brgemm(std::min(ROWS_PER_CALL, M - m0), PN, kb, K, PN, PN, k0 > 0,
+                                      xp + m0 * K + k0, pk, c + m0 * PN);
       }
-      alignas(64) float w_last[PANEL_N] = {0};  // w[n, K - 1] when K is odd
+      alignas(64) float w_last[PN] = {0};  // w[n, K - 1] when K is odd
       if (K2 < K)
         for (int64_t i = 0; i < nb; ++i) w_last[i] = *weight_at(wp, N, K, n0 + i, K2, tiled);
       for (int64_t m = 0; m < M; ++m) {
         const __m512 x_last = _mm512_set1_ps(K2 < K ? static_cast<float>(xp[m * K + K2]) : 0.f);
         for (int64_t j = 0; j < nb; j += 16) {
           const __mmask16 mask = j + 16 <= nb ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - j)) - 1);
-          const __m512 sum = _mm512_fmadd_ps(x_last, _mm512_load_ps(w_last + j), _mm512_maskz_loadu_ps(mask, c + m * PANEL_N + j));
+          const __m512 sum = _mm512_fmadd_ps(x_last, _mm512_load_ps(w_last + j), _mm512_maskz_loadu_ps(mask, c + m * PN + j));
           const __m512 v = _mm512_fmadd_ps(sum, _mm512_maskz_loadu_ps(mask, sp + n0 + j),
                                            bp ? bf16x16_to_fp32(bp + n0 + j, mask) : _mm512_setzero_ps());
           _mm256_mask_storeu_epi16(yp + m * N + n0 + j, mask, fp32x16_to_bf16(v));
@@ -677,6 +722,19 @@ torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sca
     at::native::cpublas::brgemm_release();
   });
   return y;
+}
+
+// `panel`: PANEL_AUTO (what the Python side passes), or one shape (the tests run each).
+torch::Tensor int8_packed_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias, bool tiled,
+                             int64_t panel) {
+  check_operands("int8_packed_mm", x, w, scale);
+  if (panel == PANEL_AUTO) panel = !cpu_has_amx() ? PANEL_64x2048 : x.size(1) > 8192 ? PANEL_256x512 : PANEL_128x2048;
+  switch (panel) {
+    case PANEL_64x2048: return packed_mm<64, 2048>(x, w, scale, bias, tiled);
+    case PANEL_128x2048: return packed_mm<128, 2048>(x, w, scale, bias, tiled);
+    case PANEL_256x512: return packed_mm<256, 512>(x, w, scale, bias, tiled);
+    default: TORCH_CHECK(false, "int8_packed_mm: no panel shape ", panel);
+  }
 }
 """
 
@@ -695,7 +753,7 @@ def packed_mm_runs() -> bool:
     which not every AVX-512 CPU has (then torch raises; prompts take the PyTorch fallback)."""
     try:
         kernels().int8_packed_mm(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.int8),
-                                 torch.ones(1), None, False)
+                                 torch.ones(1), None, False, PANEL_AUTO)
         return True
     except RuntimeError as e:
         log.warning("llmd_int8: the prompt kernel cannot run on this CPU (%s); prompts use a widened bf16 "

@@ -23,6 +23,7 @@ from launch.int8_linear import (
     Int8Embedding,
     Int8Linear,
     Int8LinearPart,
+    PANEL_SHAPES,
     kernels,
     packed_mm_runs,
     stack_shared_inputs,
@@ -364,7 +365,7 @@ def unaligned_int8(rows: int, cols: int, offset: int = 3) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 2), (3, 3), (7, 15), (9, 16), (37, 17), (259, 100), (130, 2050), (33, 4096), (64, 4101)])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 2), (3, 3), (7, 15), (9, 16), (37, 17), (259, 100), (130, 2050), (33, 4096), (64, 4101), (300, 1100)])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("tile", [True, False])
 def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_bias, tile):
@@ -379,6 +380,10 @@ def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_b
     for rows in [*range(1, DECODE_MAX_ROWS + 2), 64, 65, 130]:
         x = torch.randn(rows, in_features).bfloat16()
         assert_close_to_reference(layer(x), x, w, scale, bias, f"{out_features}x{in_features} rows={rows}")
+        if rows > DECODE_MAX_ROWS and BF16_CPU:  # every panel shape, not only the one this CPU picks
+            for panel, shape in PANEL_SHAPES.items():
+                y = kernels().int8_packed_mm(x, layer.weight, scale, bias, tile, panel)
+                assert_close_to_reference(y, x, w, scale, bias, f"{out_features}x{in_features} rows={rows} panel {shape}")
 
 
 @needs_kernel
