@@ -73,9 +73,10 @@ def build(deployment: Deployment, controller_url: str) -> gr.Blocks:
     def load(url_params: dict, request: gr.Request):
         # Every page load asks the controller, so workers that registered later show up.
         registered, _ = single.get_model_list(controller_url, None, False)
-        tab = 1 if "compare" in url_params else 0
+        # Switch tabs only when the URL asks (?compare): a page that answered with the first tab
+        # took back a click on "Side by side" made before its load event returned.
         return (
-            (gr.Tabs(selected=tab),)
+            (gr.Tabs(selected=1) if "compare" in url_params else gr.update(),)
             + single.load_demo_single(registered, url_params)
             + named.load_demo_side_by_side_named(registered, url_params)
         )
