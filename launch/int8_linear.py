@@ -644,19 +644,19 @@ static void pack_panel(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_
     for (int64_t ks = k0; ks < k0 + kb; ks += tiled ? TILE_K : kb) {
       const int64_t ke = tiled ? std::min(k0 + kb, ks + TILE_K) : k0 + kb;
       // Channel n0 + sub + i, input k is at base + i * stride + (k - ks).
-      const int64_t stride = rows <= 0 ? 0 : tiled ? tile_cols(K, ks) : K;
+      const int64_t stride = tiled ? tile_cols(K, ks) : K;
       const int8_t* base = rows <= 0 ? w : tiled ? w + (n0 + sub) * K + ks * tile_rows(N, n0 + sub) : w + (n0 + sub) * K + ks;
       for (int64_t nt = 0; nt < TILE_N; nt += 16) {
         for (int64_t k = ks; k < ke; k += 32) {
           __m512i r[16];
           const int64_t valid = std::min<int64_t>(32, ke - k);
-          const int8_t* p = base + std::max<int64_t>(0, std::min(nt, rows - 1)) * stride + (k - ks);
+          const int8_t* p = base + nt * stride + (k - ks);  // read only for rows that exist
           if (valid == 32 && nt + 16 <= rows) {
             // The next 16 rows (16 * stride bytes, 512 a run) into L1: in a model, where the weights
             // come from memory, not the L3 as in a single-shape loop, ChatGLM3-6B's linears took
             // 2.70 instead of 2.77 s of a 512-token prompt (session 10).
             if (tiled)
-              for (int l = 0; l < 8; ++l) _mm_prefetch((const char*)(p - (k - ks) + 16 * stride) + (k - ks) * 16 + l * 64, _MM_HINT_T0);
+              for (int l = 0; l < 8; ++l) _mm_prefetch((const char*)(base + (nt + 16) * stride + (k - ks) * 16 + l * 64), _MM_HINT_T0);
             for (int i = 0; i < 16; ++i) r[i] = widen32_bf16(p + i * stride);
           } else {
             const __mmask32 mask = valid == 32 ? ~(__mmask32)0 : (__mmask32)((1ull << valid) - 1);
@@ -674,6 +674,7 @@ static void pack_panel(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_
 template <int64_t PN, int64_t PK>
 static torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                const c10::optional<torch::Tensor>& bias, bool tiled) {
+  static_assert(PK % TILE_K == 0, "a tiled panel starts at a tile's first input");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   // The micro-kernel takes inputs in pairs; an odd last input is added in the epilogue.
   const int64_t K2 = K & ~int64_t(1);
