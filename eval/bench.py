@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_direct(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    results: dict = {"threads": args.threads, "models": {}}
+    results: dict = {"threads": args.threads, "prefill_tokens": args.prefill_tokens, "models": {}}
     for spec in args.model:
         src = synth_model(spec.split(":", 1)[1], args.cache_root) if spec.startswith("synth:") else Path(spec)
         results["models"][spec] = bench_model(src, args)
@@ -196,7 +196,8 @@ def run_linear(args: argparse.Namespace) -> int:
     calls, the best round reported (a neighbour on the machine only ever slows a round down).
     The same weights are read call after call, so a shape smaller than the L3 cache comes from it:
     for decode speed from memory, `direct` is the measure."""
-    from launch.int8_linear import Int8Linear, kernels
+    from launch.int8_kernels import kernels
+    from launch.int8_linear import Int8Linear
 
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, compiled kernels {'yes' if kernels() else 'NOT AVAILABLE (fallbacks both)'}")
@@ -525,7 +526,8 @@ def agreement(reference: list[torch.Tensor], seqs: list, logits_of: Callable) ->
 
 def print_table(results: dict) -> None:
     print(f"\nthreads {results['threads']}")
-    print("| model | dtype | weights GB/token | decode tok/s | median step tok/s | bound tok/s (read GB/s) | of bound | prefill 512 s |")
+    print("| model | dtype | weights GB/token | decode tok/s | median step tok/s | bound tok/s (read GB/s) | of bound | "
+          f"prefill {results['prefill_tokens']} s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for spec, r in results["models"].items():
         for kind in ("bfloat16", "int8"):

@@ -10,7 +10,7 @@ table in docs/int8.md: at 4096 cached tokens torch's SDPA takes 14-15 ms, ~0.47 
 decoded token of a 32-layer model, more than its int8 weights.
 
 Here a decoded token's attention is one pass over the cached keys and one over the values
-(`_SOURCE`, compiled on first use like the int8 kernels: launch/native.py): the query heads that
+(`_SOURCE`, compiled on first use for AVX-512 or AVX2 like the int8 kernels: launch/native.py): the query heads that
 share a key/value head are computed together (grouped-query attention without repeating the
 cache), scores and softmax in float32, values accumulated in float32. Prompts (more than one
 query), masks, head sizes other than 64/128 and machines without the kernel use transformers'
@@ -77,8 +77,14 @@ def _one_query(module, query, key, value, attention_mask, kwargs) -> bool:
 @functools.cache
 def decode_kernel():
     """The compiled extension with `decode_attention`, or None (then SDPA)."""
-    return native.load("llmd_decode_attention", _SOURCE, ["decode_attention"], fallback="torch's SDPA",
-                       env=KERNEL_ENV, logger=log)
+    return build(native.cpu_isa() or "avx2")
+
+
+def build(isa: str):
+    """`_SOURCE` compiled for `isa` ("avx512" or "avx2": the source is written for both), or None
+    when this CPU cannot run it."""
+    return native.load("llmd_decode_attention" + ("" if isa == "avx512" else f"_{isa}"), _SOURCE, ["decode_attention"],
+                       fallback="torch's SDPA", env=KERNEL_ENV, logger=log, isa=isa)
 
 
 _SOURCE = r"""
@@ -93,65 +99,114 @@ _SOURCE = r"""
 // cache with spare room), q [B, H, 1, D] bf16, G = H / KVH query heads per key/value head.
 // One task per (b, kv head): its keys and values are read once for all G queries.
 
-static inline __m512 bf16_to_fp32(const at::BFloat16* p) {
+// The same code for AVX-512 (16 floats a vector) and AVX2 (8), through these few helpers.
+#ifdef __AVX512F__
+using vec = __m512;
+constexpr int W = 16;
+static inline vec load_bf16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-static inline __m512 exp512(__m512 x) {  // e^x for x <= 0, relative error ~1e-7; 0 below -87
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);  // 2^t = 2^n * 2^f, |f| <= 0.5: Taylor series of e^(f ln 2)
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vset(float x) { return _mm512_set1_ps(x); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vfmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+static inline vec vround(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec scale_pow2(vec p, vec n, vec x) {  // p * 2^n where x >= -87, else 0
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset(-87.f), _CMP_GE_OQ), _mm512_scalef_ps(p, n));
+}
+#else
+using vec = __m256;
+constexpr int W = 8;
+static inline vec load_bf16(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vset(float x) { return _mm256_set1_ps(x); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vfmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float hsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float hmax(vec v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vec vround(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec scale_pow2(vec p, vec n, vec x) {  // p * 2^n where x >= -87 (so n >= -126: a normal float), else 0
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x, vset(-87.f), _CMP_GE_OQ));
+}
+#endif
+
+static inline vec vexp(vec x) {  // e^x for x <= 0, relative error ~1e-7; 0 below -87
+  const vec in = x;
+  x = vmax(x, vset(-87.f));
+  const vec t = vmul(x, vset(1.44269504088896341f));
+  const vec n = vround(t);
+  const vec f = vsub(t, n);  // 2^t = 2^n * 2^f, |f| <= 0.5: Taylor series of e^(f ln 2)
+  vec p = vset(1.5403530393381606e-4f);
+  p = vfmadd(p, f, vset(1.3333558146428443e-3f));
+  p = vfmadd(p, f, vset(9.6181291076284772e-3f));
+  p = vfmadd(p, f, vset(5.5504108664821580e-2f));
+  p = vfmadd(p, f, vset(2.4022650695910071e-1f));
+  p = vfmadd(p, f, vset(6.9314718055994531e-1f));
+  p = vfmadd(p, f, vset(1.f));
+  return scale_pow2(p, n, in);
 }
 
 template <int D>
 static void one_task(const at::BFloat16* q, int64_t G, const at::BFloat16* k, const at::BFloat16* v, int64_t L,
                      int64_t ks, int64_t vs, float scale, at::BFloat16* out, std::vector<float>& s) {
-  constexpr int C = D / 16;  // zmm per row
-  const int64_t Lp = (L + 15) / 16 * 16;
+  constexpr int C = D / W;  // vectors per row
+  const int64_t Lp = (L + W - 1) / W * W;
   s.assign(G * Lp, -std::numeric_limits<float>::infinity());
   std::vector<float> qf(G * D);
   for (int64_t g = 0; g < G; ++g)
     for (int d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[g * D + d]) * scale;
   for (int64_t l = 0; l < L; ++l) {  // scores: each key row is widened once for all G queries
-    __m512 kr[C];
-    for (int c = 0; c < C; ++c) kr[c] = bf16_to_fp32(k + l * ks + c * 16);
+    vec kr[C];
+    for (int c = 0; c < C; ++c) kr[c] = load_bf16(k + l * ks + c * W);
     for (int64_t g = 0; g < G; ++g) {
-      __m512 acc = _mm512_mul_ps(kr[0], _mm512_loadu_ps(&qf[g * D]));
-      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(kr[c], _mm512_loadu_ps(&qf[g * D + c * 16]), acc);
-      s[g * Lp + l] = _mm512_reduce_add_ps(acc);
+      vec acc = vmul(kr[0], vload(&qf[g * D]));
+      for (int c = 1; c < C; ++c) acc = vfmadd(kr[c], vload(&qf[g * D + c * W]), acc);
+      s[g * Lp + l] = hsum(acc);
     }
   }
   std::vector<float> acc(G * D, 0.f);
   for (int64_t g = 0; g < G; ++g) {  // softmax; the padding (-inf) becomes 0
     float* sg = &s[g * Lp];
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t l = 0; l < Lp; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + l));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t l = 0; l < Lp; l += 16) {
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + l), m));
-      _mm512_storeu_ps(sg + l, e);
-      sum = _mm512_add_ps(sum, e);
+    vec mx = vset(-std::numeric_limits<float>::infinity());
+    for (int64_t l = 0; l < Lp; l += W) mx = vmax(mx, vload(sg + l));
+    const vec m = vset(hmax(mx));
+    vec sum = vset(0.f);
+    for (int64_t l = 0; l < Lp; l += W) {
+      const vec e = vexp(vsub(vload(sg + l), m));
+      vstore(sg + l, e);
+      sum = vadd(sum, e);
     }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum);
-    for (int64_t l = 0; l < Lp; l += 16) _mm512_storeu_ps(sg + l, _mm512_mul_ps(_mm512_loadu_ps(sg + l), _mm512_set1_ps(inv)));
+    const vec inv = vset(1.f / hsum(sum));
+    for (int64_t l = 0; l < Lp; l += W) vstore(sg + l, vmul(vload(sg + l), inv));
   }
   for (int64_t l = 0; l < L; ++l) {  // values: each row widened once, accumulated for all G queries
-    __m512 vr[C];
-    for (int c = 0; c < C; ++c) vr[c] = bf16_to_fp32(v + l * vs + c * 16);
+    vec vr[C];
+    for (int c = 0; c < C; ++c) vr[c] = load_bf16(v + l * vs + c * W);
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 p = _mm512_set1_ps(s[g * Lp + l]);
+      const vec p = vset(s[g * Lp + l]);
       float* a = &acc[g * D];
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(a + c * 16, _mm512_fmadd_ps(p, vr[c], _mm512_loadu_ps(a + c * 16)));
+      for (int c = 0; c < C; ++c) vstore(a + c * W, vfmadd(p, vr[c], vload(a + c * W)));
     }
   }
   for (int64_t g = 0; g < G; ++g)

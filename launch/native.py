@@ -1,6 +1,7 @@
-"""Builds the small AVX-512 C++ kernels (int8 matmul, decode attention) on first use.
+"""Builds the small C++ kernels (int8 matmul, decode attention) on first use.
 
     module = native.load("llmd_int8", SOURCE, ["int8_gemv"], fallback="_weight_int8pack_mm", env="LLMD_INT8_KERNELS")
+    native.cpu_isa()   # "avx512", "avx2" or None: the instruction set a kernel may be written for here
 
 Compiled with g++ through torch.utils.cpp_extension into torch's extension directory
 ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions: ~30 s once per source version; the
@@ -23,14 +24,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"]
+# What g++ may use for each instruction set a kernel is written for. AVX2 comes with FMA and F16C
+# on every CPU that has it (Intel since Haswell, AMD since Zen), and torch reports it only then.
+CFLAGS = {
+    "avx512": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"],
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+}
 
 
-def load(name: str, source: str, functions: list[str], fallback: str, env: str, logger: logging.Logger = log) -> ModuleType | None:
-    """The compiled extension, or None (then the caller runs `fallback`); `env`=0 turns it off."""
+def load(name: str, source: str, functions: list[str], fallback: str, env: str, logger: logging.Logger = log,
+         isa: str = "avx512") -> ModuleType | None:
+    """The compiled extension, or None (then the caller runs `fallback`); `env`=0 turns it off.
+    `isa`: the instruction set `source` is written for (a key of CFLAGS)."""
     if os.environ.get(env, "1") == "0":
         return None
-    if (missing := cannot_build()) is not None:
+    if (missing := cannot_build(isa)) is not None:
         logger.warning("%s: %s; using the slower %s", name, missing, fallback)
         return None
     from torch.utils.cpp_extension import load_inline
@@ -44,7 +52,7 @@ def load(name: str, source: str, functions: list[str], fallback: str, env: str, 
     _remove_stale_lock(name, logger)
     try:
         # -fopenmp: at::parallel_for's OpenMP pragma; torch's own libgomp is already loaded.
-        return load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=CFLAGS,
+        return load_inline(name=name, cpp_sources=[source], functions=functions, extra_cflags=CFLAGS[isa],
                            extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - a broken toolchain must not stop the model from serving
         logger.warning("%s: building the kernel failed (%s: %s); using the slower %s",
@@ -52,10 +60,20 @@ def load(name: str, source: str, functions: list[str], fallback: str, env: str, 
         return None
 
 
-def cannot_build() -> str | None:
-    """Why the kernels cannot be built and run here, or None when they can."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return f"this CPU has no AVX-512 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+_NAMES = {"avx512": "AVX-512", "avx2": "AVX2"}
+
+
+def cpu_isa() -> str | None:
+    """The widest instruction set of CFLAGS that this CPU has (as torch detects it), or None."""
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
+
+
+def cannot_build(isa: str = "avx512") -> str | None:
+    """Why kernels written for `isa` (AVX-512 kernels run on AVX-512 CPUs, AVX2 ones on both) cannot be
+    built and run here, or None when they can."""
+    have = cpu_isa()
+    if have is None or (isa == "avx512" and have != "avx512"):
+        return f"this CPU has no {_NAMES[isa]} (torch reports {torch.backends.cpu.get_cpu_capability()})"
     if shutil.which(_compiler()) is None:
         return f"no C++ compiler ({_compiler()!r} not found; install g++) to build the kernel"
     return None

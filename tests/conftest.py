@@ -164,9 +164,9 @@ def demo_stack(tmp_path_factory) -> Stack:
         assert gone(procs), f"left running after down: {procs}"
 
 
-def can_build_kernels() -> bool:
-    """AVX-512 and a C++ compiler: then launch/native.py must build the kernels (a test fails
-    if it does not), otherwise their tests are skipped and the slower paths serve."""
+def can_build_kernels(isa: str = "avx512") -> bool:
+    """A CPU with `isa` and a C++ compiler: then launch/native.py must build the kernels written
+    for it (a test fails if it does not), otherwise their tests are skipped and the slower paths serve."""
     from launch import native
 
-    return native.cannot_build() is None
+    return native.cannot_build(isa) is None

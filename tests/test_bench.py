@@ -60,8 +60,9 @@ def _steady_as_read(before: float, after: float, steady: bool) -> bool:
 def test_direct_bench_reports_both_dtypes_and_the_bound(tmp_path):
     model = _tiny_qwen2(tmp_path / "bf16")
     out = tmp_path / "direct.json"
-    _bench("direct", "--model", str(model), "--new-tokens", "4", "--prefill-tokens", "16",
-           "--cache-root", str(tmp_path / "cache"), "--json", str(out))
+    text = _bench("direct", "--model", str(model), "--new-tokens", "4", "--prefill-tokens", "16",
+                  "--cache-root", str(tmp_path / "cache"), "--json", str(out))
+    assert "| prefill 16 s |" in text  # the prompt length asked for, not the default's
     r = json.loads(out.read_text())["models"][str(model)]
     for kind in ("bfloat16", "int8"):
         x = r[kind]

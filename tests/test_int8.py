@@ -18,14 +18,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from launch import native
 from launch.generate import Sampling, generate
 from launch import quantize
+from launch import int8_kernels
+from launch.int8_kernels import PANEL_SHAPES, kernels, packed_mm_runs
 from launch.int8_linear import (
     DECODE_MAX_ROWS,
     Int8Embedding,
     Int8Linear,
     Int8LinearPart,
-    PANEL_SHAPES,
-    kernels,
-    packed_mm_runs,
     stack_shared_inputs,
 )
 from launch.quantize import (
@@ -319,7 +318,8 @@ def test_the_converters_own_record_does_not_change_the_key(tiny):
 
 # --- the compiled kernels, against a float64 reference ------------------------------------------
 
-needs_kernel = pytest.mark.skipif(not can_build_kernels(), reason="the compiled int8 kernels need AVX-512 and a C++ compiler")
+# AVX2 kernels build on AVX-512 CPUs too (kernels() takes the AVX-512 ones there).
+needs_kernel = pytest.mark.skipif(not can_build_kernels("avx2"), reason="the compiled int8 kernels need AVX2 and a C++ compiler")
 # oneDNN's bf16 micro-kernel (the prompt kernel) needs AVX512-BF16 or AMX; elsewhere prompts take
 # the PyTorch fallback, so the prompt kernel is only required where the CPU has them.
 BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -384,6 +384,24 @@ def test_kernels_match_reference_on_odd_shapes(out_features, in_features, with_b
             for panel, shape in PANEL_SHAPES.items():
                 y = kernels().int8_packed_mm(x, layer.weight, scale, bias, tile, panel)
                 assert_close_to_reference(y, x, w, scale, bias, f"{out_features}x{in_features} rows={rows} panel {shape}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (7, 15), (9, 16), (37, 17), (130, 2050), (64, 4101), (300, 1100)])
+def test_the_avx2_gemv_matches_reference_on_any_avx2_cpu(out_features, in_features):
+    # Int8Linear runs it on CPUs without AVX-512; built here on AVX-512 CPUs too, so that whichever
+    # host runs the tests checks it.
+    avx2 = int8_kernels.build("avx2")
+    torch.manual_seed(out_features + in_features)
+    w = unaligned_int8(out_features, in_features)
+    scale, bias = torch.rand(out_features) / 50 + 1e-4, torch.randn(out_features)
+    for tiled in (True, False):
+        weight = avx2.int8_tile(w.contiguous(), False, False) if tiled else w
+        for rows in range(1, DECODE_MAX_ROWS + 1):
+            x = torch.randn(rows, in_features).bfloat16()
+            for b in (bias, None):
+                y = avx2.int8_gemv(x, weight, scale, b, tiled)
+                assert_close_to_reference(y, x, w, scale, b, f"{out_features}x{in_features} rows={rows} tiled={tiled}")
 
 
 @needs_kernel
@@ -453,9 +471,15 @@ def test_the_tiled_layout_is_tiles_of_64_channels_by_256_inputs():
 def test_without_a_compiler_the_kernel_falls_back_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    with caplog.at_level("WARNING", logger="launch.int8_linear"):
+    with caplog.at_level("WARNING", logger="launch.int8_kernels"):
         assert kernels.__wrapped__() is None
     assert "no C++ compiler" in caplog.text and "_weight_int8pack_mm" in caplog.text and "llmd_int8" in caplog.text
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(native.shutil, "which", lambda name: "/usr/bin/g++")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="launch.int8_kernels"):
+        assert kernels.__wrapped__() is None
+    assert "this CPU has no AVX2" in caplog.text and "llmd_int8_avx2" in caplog.text
 
 
 def test_int8_embedding_rows():
