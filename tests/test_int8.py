@@ -15,10 +15,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from launch import native
+from launch import int8_kernels, int8_linear, native, quantize
 from launch.generate import Sampling, generate
-from launch import quantize
-from launch import int8_kernels
 from launch.int8_kernels import PANEL_SHAPES, kernels, packed_mm_runs
 from launch.int8_linear import (
     DECODE_MAX_ROWS,
@@ -421,6 +419,21 @@ def test_kernels_take_strided_and_batched_inputs_and_outliers():
         assert y.shape == (*x.shape[:-1], 300)
         assert_close_to_reference(y.reshape(-1, 300), x.reshape(-1, x.shape[-1]).bfloat16(), w, scale, bias,
                                   f"input {tuple(x.shape)} {x.dtype}")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_prompts_without_the_packed_kernel_widen_to_bf16_or_fp32(native_bf16, monkeypatch):
+    # fp32 where oneDNN has no bf16 arithmetic (AVX2 CPUs: its bf16 GEMM is ~7x slower there), so
+    # both paths run on every CPU here; fp32 sums and rounds once, as the compiled kernels do.
+    monkeypatch.setattr(int8_linear, "bf16_gemm_is_native", lambda: native_bf16)
+    torch.manual_seed(5)
+    w, scale, bias = unaligned_int8(130, 300), torch.rand(130) / 50, torch.randn(130)
+    layer = Int8Linear(w, scale, bias)
+    layer._packed = False
+    x = torch.randn(9, 300).bfloat16()
+    assert layer.kernel(9) == "widened"
+    assert_close_to_reference(layer(x), x, w, scale, bias, f"widened to {'bf16' if native_bf16 else 'fp32'}",
+                              tolerance=2**-7 if native_bf16 else 2**-8)
 
 
 @needs_kernel
