@@ -15,7 +15,7 @@ this CPU's instruction set (launch/int8_kernels.py):
   (AVX-512, or AVX2 on CPUs without it). It reads the weights tiled (64 output channels x 256
   inputs a tile, rearranged once at load: `int8_tile`), so 256 activations stay in registers or
   L1 while 64 channels stream past them. Decode is memory-bound; on ChatGLM3-6B / Qwen-7B shapes
-  this is 1.1-1.45x faster per linear than `aten._weight_int8pack_mm` on AMD Zen 4, ~2x on Zen 3
+  this is 1.1-1.45x faster per linear than `aten._weight_int8pack_mm` on AMD Zen 4, 1.4-2x on Zen 3
   (AVX2); torch.compile's weight-only pattern was 20x slower, fbgemm needs activation
   quantization (docs/int8.md, "The kernel decision");
 - prefill (more rows, AVX-512 with AVX512-BF16 or AMX): a GEMM that widens the weights to bf16

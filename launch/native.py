@@ -24,11 +24,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# What g++ may use for each instruction set a kernel is written for. AVX2 comes with FMA and F16C
-# on every CPU that has it (Intel since Haswell, AMD since Zen), and torch reports it only then.
+# What g++ may use for each instruction set a kernel is written for. AVX2 comes with FMA on every
+# CPU that has it (Intel since Haswell, AMD since Zen), and torch reports AVX2 only with FMA.
 CFLAGS = {
     "avx512": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fopenmp"],
-    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+    "avx2": ["-O3", "-mavx2", "-mfma", "-fopenmp"],
 }
 
 
