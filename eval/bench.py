@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from eval import bench_gateway
-from launch import attention, kv_cache
+from launch import attention, decode_layer, kv_cache
 from launch.generate import Sampling, generate
 from launch.quantize import MANIFEST, QuantConfig, ensure_int8, load_int8
 
@@ -160,7 +160,7 @@ def run_context(args: argparse.Namespace) -> int:
     kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     print(f"{args.model} ({'int8' if int8 else 'bf16'}), threads {args.threads}")
-    print("| cached tokens | DynamicCache + SDPA ms/token | launch.kv_cache + launch.attention ms/token |\n| --- | --- | --- |")
+    print("| cached tokens | DynamicCache + SDPA ms/token | launch.kv_cache + launch.attention + launch.decode_layer ms/token |\n| --- | --- | --- |")
     for length in args.context or (32, 1024, 4096):
         times: dict[str, list[float]] = {"transformers": [], "stack": []}
         for name in [*times] * 2:
@@ -331,10 +331,12 @@ def _median_s(f: Callable, repeats: int = 51) -> float:
 
 
 def _load(folder: Path) -> PreTrainedModel:
-    """An int8 folder (launch.quantize) or a bf16 one, with the attention the workers use."""
+    """An int8 folder (launch.quantize) or a bf16 one, with the attention and layers the workers use."""
     if (folder / MANIFEST).is_file():
-        return attention.use(load_int8(folder))
-    return attention.use(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval())
+        model = load_int8(folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    return decode_layer.use(attention.use(model))
 
 
 def bench_model(src: Path, args: argparse.Namespace) -> dict:

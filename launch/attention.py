@@ -87,10 +87,8 @@ def build(isa: str):
                        fallback="torch's SDPA", env=KERNEL_ENV, logger=log, isa=isa)
 
 
-_SOURCE = r"""
-#include <torch/extension.h>
+_SOURCE = native.VECTOR_HELPERS + r"""
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <limits>
 #include <vector>
 
@@ -99,73 +97,6 @@ _SOURCE = r"""
 // cache with spare room), q [B, H, 1, D] bf16, G = H / KVH query heads per key/value head.
 // One task per (b, kv head): its keys and values are read once for all G queries.
 
-// The same code for AVX-512 (16 floats a vector) and AVX2 (8), through these few helpers.
-#ifdef __AVX512F__
-using vec = __m512;
-constexpr int W = 16;
-static inline vec load_bf16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-static inline vec vset(float x) { return _mm512_set1_ps(x); }
-static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
-static inline vec vfmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
-static inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
-static inline vec vround(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vec scale_pow2(vec p, vec n, vec x) {  // p * 2^n where x >= -87, else 0
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset(-87.f), _CMP_GE_OQ), _mm512_scalef_ps(p, n));
-}
-#else
-using vec = __m256;
-constexpr int W = 8;
-static inline vec load_bf16(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-static inline vec vset(float x) { return _mm256_set1_ps(x); }
-static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
-static inline vec vfmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float hsum(vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-static inline float hmax(vec v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-static inline vec vround(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vec scale_pow2(vec p, vec n, vec x) {  // p * 2^n where x >= -87 (so n >= -126: a normal float), else 0
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x, vset(-87.f), _CMP_GE_OQ));
-}
-#endif
-
-static inline vec vexp(vec x) {  // e^x for x <= 0, relative error ~1e-7; 0 below -87
-  const vec in = x;
-  x = vmax(x, vset(-87.f));
-  const vec t = vmul(x, vset(1.44269504088896341f));
-  const vec n = vround(t);
-  const vec f = vsub(t, n);  // 2^t = 2^n * 2^f, |f| <= 0.5: Taylor series of e^(f ln 2)
-  vec p = vset(1.5403530393381606e-4f);
-  p = vfmadd(p, f, vset(1.3333558146428443e-3f));
-  p = vfmadd(p, f, vset(9.6181291076284772e-3f));
-  p = vfmadd(p, f, vset(5.5504108664821580e-2f));
-  p = vfmadd(p, f, vset(2.4022650695910071e-1f));
-  p = vfmadd(p, f, vset(6.9314718055994531e-1f));
-  p = vfmadd(p, f, vset(1.f));
-  return scale_pow2(p, n, in);
-}
 
 template <int D>
 static void one_task(const at::BFloat16* q, int64_t G, const at::BFloat16* k, const at::BFloat16* v, int64_t L,

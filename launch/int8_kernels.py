@@ -46,9 +46,9 @@ def build(isa: str):
     """The kernels written for `isa`: "avx512" (int8_gemv, int8_tile, int8_packed_mm) or "avx2"
     (int8_gemv, int8_tile), built or loaded from the cache; None when this CPU cannot run them."""
     if isa == "avx2":
-        return native.load("llmd_int8_avx2", _LAYOUT + _AVX2, ["int8_gemv", "int8_tile"], isa="avx2",
+        return native.load("llmd_int8_avx2", _LAYOUT + _AVX2, ["int8_gemv", "int8_tile", *_SHARED], isa="avx2",
                            fallback="_weight_int8pack_mm", env=KERNEL_ENV, logger=log)
-    return native.load("llmd_int8", _LAYOUT + _AVX512, ["int8_gemv", "int8_packed_mm", "int8_tile"],
+    return native.load("llmd_int8", _LAYOUT + _AVX512, ["int8_gemv", "int8_packed_mm", "int8_tile", *_SHARED],
                        fallback="_weight_int8pack_mm and a widened bf16 GEMM", env=KERNEL_ENV, logger=log)
 
 
@@ -71,6 +71,8 @@ def packed_mm_runs() -> bool:
 
 # --- what both instruction sets share --------------------------------------------------------
 
+_SHARED = ["int8_prefetch_bytes"]  # how far ahead the GEMVs prefetch here (for tests and benchmarks)
+
 _LAYOUT = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -87,8 +89,19 @@ _LAYOUT = r"""
 // on 256 inputs at a time, which AVX-512 keeps in 16 registers while it streams 64 channels' tiles.
 // 65536x4096, 2 threads, 300 rounds alternated with amax (docs/int8.md, session 9): the row-major
 // kernel streamed 0.72 / 0.68 of amax when amax read 40-50 / 50+ GB/s, this one 0.89 / 0.84
-// (0.90 both below 40 GB/s), with the prefetch 8 KiB ahead (4 KiB: 0.75 / 0.71).
-constexpr int64_t TILE_N = 64, TILE_K = 256, TILED_PREFETCH_BYTES = 8192;
+// (0.90 both below 40 GB/s), with the prefetch 8 KiB ahead.
+constexpr int64_t TILE_N = 64, TILE_K = 256;
+
+// How far ahead in the tiled stream the GEMVs prefetch into L2, by the CPU's maker. AMD: 8 KiB
+// (Zen 4, session 9: 4 KiB made 0.75 / 0.71 of amax; Zen 3, session 11: the best of 0-16 KiB).
+// Intel: 4 KiB (Xeon with AMX, session 12, ChatGLM3-6B int8 decoding, alternated in one process:
+// 77 / 73% of the bound where 8 KiB made 75 / 70%; 2 and 6 KiB 71 / 73%, 16 and 32 KiB 74%).
+static const int64_t TILED_PREFETCH_BYTES = [] {
+  unsigned a, b, c, d;
+  const bool intel = __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;
+  return intel ? int64_t{4096} : int64_t{8192};  // "GenuineIntel" in EBX, EDX, ECX
+}();
+int64_t int8_prefetch_bytes() { return TILED_PREFETCH_BYTES; }
 
 static inline int64_t tile_rows(int64_t N, int64_t n0) { return std::min(TILE_N, N - n0); }
 static inline int64_t tile_cols(int64_t K, int64_t k0) { return std::min(TILE_K, K - k0); }

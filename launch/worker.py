@@ -31,7 +31,7 @@ from fastchat.constants import ErrorCode
 from fastchat.serve.base_model_worker import BaseModelWorker, app, heart_beat_worker
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from launch import attention, templates
+from launch import attention, decode_layer, templates
 from launch.peer_guard import PeerGuard, read_secret, secret_headers
 from launch.generate import Sampling, generate
 
@@ -103,7 +103,9 @@ class ModelWorker(BaseModelWorker):
             self.model = load_int8(args.model_dir, threads=args.threads)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
-        attention.use(self.model)  # torch's SDPA is slow for one query on CPU (launch/attention.py)
+        # torch's SDPA is slow for one query on CPU (launch/attention.py), and so are a decoded
+        # token's norms and rotary embedding as transformers computes them (launch/decode_layer.py).
+        decode_layer.use(attention.use(self.model))
         gen = GenerationConfig.from_model_config(self.model.config)
         if (args.model_dir / "generation_config.json").is_file():
             gen = GenerationConfig.from_pretrained(args.model_dir)
