@@ -95,7 +95,8 @@ constexpr int64_t TILE_N = 64, TILE_K = 256;
 // How far ahead in the tiled stream the GEMVs prefetch into L2, by the CPU's maker. AMD: 8 KiB
 // (Zen 4, session 9: 4 KiB made 0.75 / 0.71 of amax; Zen 3, session 11: the best of 0-16 KiB).
 // Intel: 4 KiB (Xeon with AMX, session 12, ChatGLM3-6B int8 decoding, alternated in one process:
-// 77 / 73% of the bound where 8 KiB made 75 / 70%; 2 and 6 KiB 71 / 73%, 16 and 32 KiB 74%).
+// 77 / 73% of the bound where 8 KiB made 75 / 70%; 2 and 6 KiB 71 / 73%, 16 and 32 KiB 74%;
+// Qwen-7B level at 4 and 8 KiB).
 static const int64_t TILED_PREFETCH_BYTES = [] {
   unsigned a, b, c, d;
   const bool intel = __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;

@@ -484,7 +484,7 @@ def test_the_tiled_layout_is_tiles_of_64_channels_by_256_inputs():
 @needs_kernel
 def test_the_gemv_prefetches_as_far_ahead_as_measured_for_this_cpus_maker():
     # 4 KiB on Intel, 8 KiB on AMD (int8_kernels.py says where each was measured): read from
-    # CPUID in the kernel, here from what the kernel told Linux.
+    # CPUID in the kernel, here from /proc/cpuinfo.
     vendor = next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id"))
     want = 4096 if vendor == "GenuineIntel" else 8192
     assert kernels().int8_prefetch_bytes() == want
