@@ -22,6 +22,8 @@ ratios within a run, not runs).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import gc
 import json
 import statistics
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_direct(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    shared_read_buffer()  # before any model (see there)
     results: dict = {"threads": args.threads, "prefill_tokens": args.prefill_tokens, "models": {}}
     for spec in args.model:
         src = synth_model(spec.split(":", 1)[1], args.cache_root) if spec.startswith("synth:") else Path(spec)
@@ -233,6 +236,7 @@ def run_stream(args: argparse.Namespace) -> int:
     from launch.int8_linear import Int8Linear
 
     torch.set_num_threads(args.threads)
+    buf = shared_read_buffer()  # before the weights (see there)
     g = torch.Generator().manual_seed(0)
     sets = {}
     for out_f, in_f in args.shape or [(65536, 4096)]:
@@ -243,7 +247,6 @@ def run_stream(args: argparse.Namespace) -> int:
         for tile in (True, False) if args.row_major else (True,):
             name = f"{out_f}x{in_f}" + ("" if tile else " row-major")
             sets[name] = ([Int8Linear(w, s, tile=tile) for w, s in weights], x, copies * out_f * in_f)
-    buf = torch.rand(1 << 28)  # the 1 GiB read_bandwidth() reads, allocated once
     print(f"threads {args.threads}; a run: " + ", ".join(
         f"{name} int8 x {len(layers)} ({nbytes / 2**20:.0f} MiB, kernel {layers[0].kernel(1)}{', tiled' if layers[0].tiled else ''})"
         for name, (layers, _, nbytes) in sets.items()))
@@ -351,6 +354,7 @@ def bench_model(src: Path, args: argparse.Namespace) -> dict:
         # (docs/int8.md), so it is read right before and after every decode run, and each run is
         # held against the mean of its two readings: a median over the whole phase can pair runs
         # from one window with a bandwidth from the other.
+        r["read_huge_pages"] = round(huge_page_share(shared_read_buffer()), 2)
         reads = [read_bandwidth()]
         r |= speed(model, args.new_tokens, args.prefill_tokens, after_run=lambda: reads.append(read_bandwidth()))
         r["read_GBps_each"] = [round(b / 1e9, 1) for b in reads]
@@ -415,16 +419,62 @@ def weight_bytes_per_token(model: PreTrainedModel) -> int:
     return total
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 8, buf: torch.Tensor | None = None) -> float:
-    """Best observed bytes/s of a multi-threaded reduction over a buffer far larger than cache."""
+def read_bandwidth(repeats: int = 8, buf: torch.Tensor | None = None) -> float:
+    """Best observed bytes/s of a multi-threaded reduction over a buffer far larger than cache
+    (`shared_read_buffer()` unless given)."""
     if buf is None:
-        buf = torch.rand(int(gib * (1 << 30)) // 4)  # random, so no page can be shared with another
+        buf = shared_read_buffer()
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         buf.amax()
         best = min(best, time.perf_counter() - started)
     return buf.numel() * 4 / best
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+def read_buffer(gib: float = 1.0) -> torch.Tensor:
+    """Random float32s for read_bandwidth(), on 2 MiB pages where the kernel allows (transparent
+    huge pages "always" or "madvise"). On 4 KiB pages amax's TLB misses keep it 10-40% under
+    what the memory delivers (Intel Xeon, session 13: 21.8-29 vs 31.5-33 GB/s in the same
+    minutes), and a bound read that way would flatter every ratio to it."""
+    nbytes = int(gib * (1 << 30)) // HUGE_PAGE * HUGE_PAGE
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    buf = raw[(-raw.data_ptr()) % HUGE_PAGE:][:nbytes]  # a view: keeps `raw` alive
+    # Before the first touch: pages already there stay 4 KiB. A kernel without THP refuses
+    # (EINVAL), and the buffer stays on 4 KiB pages, as huge_page_share() then shows.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(nbytes), MADV_HUGEPAGE)
+    return buf.view(torch.float32).uniform_()  # random: no page can be shared with another
+
+
+@functools.cache
+def shared_read_buffer() -> torch.Tensor:
+    """1 GiB of read_buffer(), allocated once per process: first, before any model, since
+    later the memory is more fragmented and fewer of its pages can be huge (an int8 model
+    loaded after a bf16 one, session 13: 79% of them, and amax 28-30 GB/s instead of 30-34)."""
+    return read_buffer()
+
+
+def huge_page_share(t: torch.Tensor) -> float:
+    """The share of the memory mapping holding `t` that sits on transparent huge pages (Linux:
+    /proc/self/smaps), 0.0 where that cannot be read."""
+    addr, mapping = t.data_ptr(), None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    mapping = (hi - lo) if lo <= addr < hi else None
+                elif mapping and line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024 / mapping
+    except OSError:
+        pass
+    return 0.0
 
 
 def synth_model(kind: str, cache_root: Path) -> Path:

@@ -6,12 +6,13 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from eval.bench import SYNTH, synth_model
+from eval.bench import SYNTH, huge_page_share, read_buffer, synth_model
 from launch.quantize import _empty_model
 from tests.conftest import ROOT
 
@@ -79,7 +80,24 @@ def test_direct_bench_reports_both_dtypes_and_the_bound(tmp_path):
         # the median of the runs the host did not change state during, and only of those
         assert x["of_bound"] == (statistics.median(steady) if steady else None)
         assert x["prefill_s"] == min(x["prefill_s_each"])
+        assert 0 <= x["read_huge_pages"] <= 1
     assert r["int8_vs_bf16_decode"] > 0 and r["quantized_now"] is True
+
+
+def test_the_bandwidth_is_read_on_huge_pages_where_the_kernel_allows():
+    # On 4 KiB pages amax's TLB misses read 10-40% under the memory's bandwidth, which would
+    # flatter every ratio to the bound.
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = thp.read_text() if thp.exists() else "[never]"
+    buf = read_buffer(1 / 16)
+    assert buf.dtype == torch.float32 and buf.numel() == (64 << 20) // 4 and buf.data_ptr() % (2 << 20) == 0
+    assert 0 <= float(buf.min()) and float(buf.max()) < 1  # filled, so every page is there
+    if "[never]" in mode:
+        assert huge_page_share(buf) == 0.0
+    else:
+        assert huge_page_share(buf) > 0.9, mode
+        if "[madvise]" in mode:  # and a buffer nobody asked huge pages for has none: the check can tell
+            assert huge_page_share(torch.rand(16 << 20)) < 0.1
 
 
 @pytest.mark.parametrize("kind", sorted(SYNTH))

@@ -6,6 +6,9 @@ Speed is not tested here (the machine is shared); `python -m eval.bench direct` 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -419,6 +422,63 @@ def test_kernels_take_strided_and_batched_inputs_and_outliers():
         assert y.shape == (*x.shape[:-1], 300)
         assert_close_to_reference(y.reshape(-1, 300), x.reshape(-1, x.shape[-1]).bfloat16(), w, scale, bias,
                                   f"input {tuple(x.shape)} {x.dtype}")
+
+
+VNNI_CPU = "avx512_vnni" in next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+
+
+@needs_kernel
+@pytest.mark.skipif(not VNNI_CPU, reason="this CPU has no AVX512-VNNI: one-row GEMVs take the fp32 path")
+def test_one_row_decodes_in_integers_with_vnni_and_rounds_once():
+    # A one-row tiled GEMV splits the token's activations into 24-bit integers and sums the
+    # byte x int8 products in int32 (int8_kernels.py): exact for every activation within 2^15
+    # of the largest, so an output differs from the float64 sum rounded to bf16 only on a tie.
+    # The fp32 path stays in use for 2..5 rows and on CPUs without VNNI, and is checked here too.
+    k = kernels()
+    assert k.int8_gemv_vnni(None), "VNNI is not in use on a CPU that has it"
+    torch.manual_seed(3)
+    try:
+        for n, kk in [(1, 1), (7, 15), (37, 17), (130, 2050), (300, 4101), (1000, 13696)]:
+            w = unaligned_int8(n, kk)
+            tiled = k.int8_tile(w.contiguous(), False, False)
+            scale, bias = torch.rand(n) / 50 + 1e-4, torch.randn(n)
+            x = torch.randn(1, kk).bfloat16()
+            x[0, ::97] *= 1000  # outliers, as LLM hidden states have
+            for b in (bias, None):
+                exact = reference(x, w, scale, b).bfloat16()
+                k.int8_gemv_vnni(True)
+                y = k.int8_gemv(x, tiled, scale, b, True)
+                k.int8_gemv_vnni(False)
+                y_fp32 = k.int8_gemv(x, tiled, scale, b, True)
+                assert_close_to_reference(y_fp32, x, w, scale, b, f"{n}x{kk} fp32 path")
+                ulp = 2 ** (exact.double().abs().clamp_min(1e-30).log2().floor() - 7)  # bf16's, at each value
+                ulps = (y.double() - exact.double()).abs() / ulp
+                assert float(ulps.max()) <= 1 and float((y == exact).float().mean()) >= 0.995, f"{n}x{kk}: {ulps.max():.3g}"
+        # What has no exponent to scale by takes the fp32 path: zeros (bias only), inf and NaN.
+        tiled, scale, bias = k.int8_tile(unaligned_int8(64, 300), False, False), torch.rand(64), torch.randn(64)
+        for special in (0.0, float("inf"), float("nan")):
+            x = torch.randn(1, 300).bfloat16()
+            x[0, 5] = special
+            if special == 0.0:
+                x.zero_()
+            k.int8_gemv_vnni(True)
+            y = k.int8_gemv(x, tiled, scale, bias, True)
+            k.int8_gemv_vnni(False)
+            torch.testing.assert_close(y, k.int8_gemv(x, tiled, scale, bias, True), rtol=0, atol=0, equal_nan=True,
+                                       msg=f"x holding {special}")
+            assert not y.isfinite().all() if special != 0.0 else torch.equal(y, bias.bfloat16()[None])
+    finally:
+        k.int8_gemv_vnni(True)
+
+
+@needs_kernel
+def test_llmd_int8_vnni_0_turns_the_integer_decode_off():
+    code = "from launch.int8_kernels import kernels; k = kernels(); print(getattr(k, 'int8_gemv_vnni', lambda _: None)(None))"
+    avx512 = native.cpu_isa() == "avx512"
+    for env, want in (("0", "False" if avx512 else "None"), ("1", str(VNNI_CPU) if avx512 else "None")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, int8_kernels.VNNI_ENV: env},
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip().splitlines()[-1] == want, f"{int8_kernels.VNNI_ENV}={env}"
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
