@@ -84,6 +84,29 @@ def test_direct_bench_reports_both_dtypes_and_the_bound(tmp_path):
     assert r["int8_vs_bf16_decode"] > 0 and r["quantized_now"] is True
 
 
+def test_direct_bench_summarises_several_processes_by_their_medians(tmp_path):
+    model = _tiny_qwen2(tmp_path / "bf16")
+    out = tmp_path / "direct.json"
+    text = _bench("direct", "--model", str(model), "--new-tokens", "4", "--prefill-tokens", "8", "--processes", "3",
+                  "--cache-root", str(tmp_path / "cache"), "--json", str(out))
+    r = json.loads(out.read_text())["models"][str(model)]
+    for kind in ("bfloat16", "int8"):
+        x, each = r[kind], r[kind]["processes"]
+        assert len(each) == 3
+        assert x["decode_tok_s"] == statistics.median(p["decode_tok_s"] for p in each)
+        bounds = [p["of_bound"] for p in each if p["of_bound"] is not None]
+        assert x["of_bound"] == (statistics.median(bounds) if bounds else None)
+        assert x["prefill_s"] == min(p["prefill_s"] for p in each)
+        assert x["read_huge_pages"] == min(p["read_huge_pages"] for p in each)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {model} | {kind} |"))
+        assert len(row.split("processes: ")[1].split(")")[0].split(", ")) == 3  # each process's, after the median
+    assert r["int8_vs_bf16_decode"] == round(r["int8"]["decode_tok_s"] / r["bfloat16"]["decode_tok_s"], 2)
+
+
+def test_direct_bench_refuses_zero_processes(tmp_path):
+    assert "must be at least 1" in _bench("direct", "--model", "synth:qwen-7b", "--processes", "0", returncode=2)
+
+
 def test_the_bandwidth_is_read_on_huge_pages_where_the_kernel_allows():
     # On 4 KiB pages amax's TLB misses read 10-40% under the memory's bandwidth, which would
     # flatter every ratio to the bound.
