@@ -36,6 +36,8 @@ from launch import native
 log = logging.getLogger(__name__)
 
 NAME = "llmd"
+# The head sizes the decode kernel is compiled for.
+HEAD_DIMS = (64, 128)
 # Set to 0 to use torch's SDPA for decoded tokens too (for comparisons).
 KERNEL_ENV = "LLMD_DECODE_ATTENTION"
 
@@ -69,7 +71,7 @@ def _one_query(module, query, key, value, attention_mask, kwargs) -> bool:
     return (query.shape[2] == 1 and attention_mask is None and not module.training and not torch.is_grad_enabled()
             and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
             and query.dim() == key.dim() == 4 and key.shape == value.shape and query.shape[0] == key.shape[0]
-            and query.shape[-1] == key.shape[-1] and query.shape[-1] in (64, 128) and key.shape[2] >= 1
+            and query.shape[-1] == key.shape[-1] and query.shape[-1] in HEAD_DIMS and key.shape[2] >= 1
             and query.shape[1] % key.shape[1] == 0 and key.stride(-1) == value.stride(-1) == 1
             and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "cache")))
 

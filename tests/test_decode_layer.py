@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.glm import modeling_glm
 from transformers.models.llama import modeling_llama
 
-from launch import attention, decode_layer, kv_cache
+from launch import attention, decode_layer, int8_kernels, kv_cache, quantize
 from launch.int8_linear import Int8LinearPart
 from launch.quantize import QuantConfig, ensure_int8, load_int8
 from tests.conftest import can_build_kernels
@@ -50,8 +50,7 @@ def test_rope_is_transformers_rotary_bit_for_bit(kind, module):
         cos, sin = model.model.rotary_emb(q, torch.tensor([[position]]))
         want_q, want_k = module.apply_rotary_pos_emb(q, k, cos, sin)
         got_q, got_k = q.clone(), k.clone()
-        for x in (got_q, got_k):
-            decode_layer.ops().rope_(x.view(-1, 64), cos.reshape(-1), sin.reshape(-1), kind == "glm")
+        decode_layer.ops().rope_(got_q.view(-1, 64), got_k.view(-1, 64), cos, sin, kind == "glm")
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k), position
     assert not torch.equal(got_q, q)  # it turned something
 
@@ -70,6 +69,7 @@ def test_norms_and_silu_match_transformers():
         checks = [(ops.rms_norm(h, norm.weight, norm.variance_epsilon), norm(h))]
         total, normed = ops.add_rms_norm(h, d, norm.weight, norm.variance_epsilon)
         assert torch.equal(total, h + d)
+        assert torch.equal(ops.add_(d.clone(), h), h + d)  # the layer's last residual add, in place
         checks += [(normed, norm(h + d)), (ops.silu_mul(gate, up), up * F.silu(gate))]
     for got, want in checks:
         assert got.shape == want.shape and got.dtype == torch.bfloat16
@@ -77,10 +77,10 @@ def test_norms_and_silu_match_transformers():
         assert (got == want).float().mean() >= 0.98
 
 
-def decode_logits(model, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+def decode_logits(model, tokens: torch.Tensor, prompt: int, cache=kv_cache.new_cache) -> torch.Tensor:
     """The prompt's last logits, then each decoded token's, through a growing cache."""
     with torch.inference_mode():
-        out = model(input_ids=tokens[:, :prompt], past_key_values=kv_cache.new_cache(model.config), use_cache=True)
+        out = model(input_ids=tokens[:, :prompt], past_key_values=cache(model.config), use_cache=True)
         steps = [out.logits[0, -1]]
         for i in range(prompt, tokens.shape[1]):
             out = model(input_ids=tokens[:, i : i + 1], past_key_values=out.past_key_values, use_cache=True)
@@ -111,26 +111,41 @@ def test_decoded_tokens_match_transformers_layers(kind, monkeypatch):
     counting = CountingOps(decode_layer.ops())
     monkeypatch.setattr(decode_layer, "ops", lambda: counting)
     got = decode_logits(decode_layer.use(model), tokens, 36)
-    assert counting.calls == {"rms_norm": 2 * 24, "rope_": 2 * 2 * 24, "add_rms_norm": 2 * 24, "silu_mul": 2 * 24}
+    assert counting.calls == {"rms_norm": 2 * 24, "rope_": 2 * 24, "add_rms_norm": 2 * 24, "silu_mul": 2 * 24,
+                              "add_": 2 * 24}
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     # Bit for bit here for the first 8-24 tokens; once one float32 sum rounds the other way, the
     # difference travels through the cache at bf16's noise (0.5% here). RoPE turning the wrong
     # pairs, the likeliest bug, makes 6-7%.
     assert float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 0.02
+    # transformers' own cache (appended by torch.cat): the same layer, attended through
+    # launch.attention instead of straight to its kernel.
+    counting.calls.clear()
+    assert torch.equal(decode_logits(model, tokens, 36, cache=lambda config: DynamicCache(config=config)), got)
+    assert counting.calls["rope_"] == 2 * 24
 
 
-def test_int8_stacked_linears_run_as_one_call(tmp_path, monkeypatch):
-    """An int8 Llama (q/k/v and gate/up stacked): the decode path multiplies each stack once and
-    gives the logits of transformers' layers over the same int8 linears."""
+@pytest.mark.parametrize("stacked", [True, False])
+def test_int8_linears_run_as_direct_gemvs(tmp_path, monkeypatch, stacked):
+    """An int8 Llama (q/k/v and gate/up stacked, or not): the decode path calls the GEMV straight
+    on the weights, once per stack, and gives the logits of transformers' layers over the same
+    int8 linears."""
     folder, _ = ensure_int8(tiny_llama(tmp_path, tied=False), tmp_path / "int8", QuantConfig())
+    if not stacked:
+        monkeypatch.setattr(quantize, "stack_shared_inputs", lambda model: 0)
     model = attention.use(load_int8(folder))
+    monkeypatch.undo()
     tokens = torch.randint(3, 512, (1, 30), generator=torch.Generator().manual_seed(4))
     want = decode_logits(model, tokens, 20)
     parts_called = []
     forward = Int8LinearPart.forward
     monkeypatch.setattr(Int8LinearPart, "forward", lambda self, x: parts_called.append(x.shape[1]) or forward(self, x))
+    gemvs = CountingOps(int8_kernels.kernels())
+    monkeypatch.setattr(decode_layer, "kernels", lambda: gemvs)
     got = decode_logits(decode_layer.use(model), tokens, 20)
-    assert parts_called and set(parts_called) == {20}  # the prompt's; decoded tokens took the stacks whole
+    assert set(parts_called) == ({20} if stacked else set())  # the prompt's; decoded tokens took the stacks whole
+    per_layer = 4 if stacked else 3 + 1 + 2 + 1  # q/k/v, o, gate/up, down
+    assert gemvs.calls == {"int8_gemv": per_layer * len(model.model.layers) * 10}
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 0.02
 
