@@ -374,7 +374,7 @@ def across_processes(each: list[dict]) -> dict:
     processes within an hour (69% in another that morning), its three runs mostly within 2.5
     points of each other in each (docs/int8.md, session 15)."""
     def median(key: str) -> float:
-        return statistics.median(r[key] for r in each)
+        return round(statistics.median(r[key] for r in each), 3)  # of an even count: a mean, unrounded
 
     bounds = [r["of_bound"] for r in each if r["of_bound"] is not None]
     return {"weight_bytes_per_token": each[0]["weight_bytes_per_token"], "load_s": median("load_s"),

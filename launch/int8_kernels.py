@@ -8,7 +8,7 @@ Built once with g++ through torch.utils.cpp_extension and cached in torch's exte
 (launch/native.py), from a part both instruction sets share (`_LAYOUT`: the tiled weight layout,
 the operand checks, the threads' work sharing and the `int8_gemv` entry) and one of:
 - `_AVX512` (AMD Zen 4, Intel Xeon): the decode GEMV 16 lanes wide (one token in integer
-  arithmetic where the CPU has AVX512-VNNI, `int8_gemv_vnni()`), and the prompt kernel, a GEMM
+  arithmetic on Intel CPUs with AVX512-VNNI, `int8_gemv_vnni()`), and the prompt kernel, a GEMM
   that widens the weights while packing them for oneDNN's bf16 micro-kernel (brgemm), which needs
   AVX512-BF16 or AMX (`packed_mm_runs`);
 - `_AVX2` (AMD Zen 2/3, Intel before AVX-512): the decode GEMV 8 lanes wide. These CPUs have no
@@ -35,7 +35,8 @@ TILE_N = 64
 PANEL_AUTO, PANEL_SHAPES = 0, {1: (64, 2048), 2: (128, 2048), 3: (256, 512)}
 # Set to 0 to use the fallbacks instead of the compiled kernels (for comparisons).
 KERNEL_ENV = "LLMD_INT8_KERNELS"
-# Set to 0 to decode one token with the fp32 GEMV on CPUs with AVX512-VNNI too (for comparisons).
+# One decoded token in integers with AVX512-VNNI (default: on Intel CPUs that have it, off on
+# AMD's, where the fp32 GEMV is faster): 1 turns it on where the CPU has VNNI, 0 off (for comparisons).
 VNNI_ENV = "LLMD_INT8_VNNI"
 
 
@@ -44,8 +45,12 @@ def kernels():
     """This CPU's compiled kernels, or None when they cannot be built here (launch/native.py
     says why in a warning)."""
     k = build(native.cpu_isa() or "avx2")
-    if k is not None and hasattr(k, "int8_gemv_vnni") and os.environ.get(VNNI_ENV, "1") == "0":
-        k.int8_gemv_vnni(False)
+    choice = os.environ.get(VNNI_ENV)
+    if k is not None and hasattr(k, "int8_gemv_vnni") and choice in ("0", "1"):
+        try:
+            k.int8_gemv_vnni(choice == "1")
+        except RuntimeError as e:  # 1 on a CPU without AVX512-VNNI
+            log.warning("%s=1 ignored: %s", VNNI_ENV, e)
     return k
 
 
@@ -104,11 +109,11 @@ constexpr int64_t TILE_N = 64, TILE_K = 256;
 // Intel: 4 KiB (Xeon with AMX, session 12, ChatGLM3-6B int8 decoding, alternated in one process:
 // 77 / 73% of the bound where 8 KiB made 75 / 70%; 2 and 6 KiB 71 / 73%, 16 and 32 KiB 74%;
 // Qwen-7B level at 4 and 8 KiB).
-static const int64_t TILED_PREFETCH_BYTES = [] {
+static bool cpu_is_intel() {
   unsigned a, b, c, d;
-  const bool intel = __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;
-  return intel ? int64_t{4096} : int64_t{8192};  // "GenuineIntel" in EBX, EDX, ECX
-}();
+  return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // "GenuineIntel"
+}
+static const int64_t TILED_PREFETCH_BYTES = cpu_is_intel() ? 4096 : 8192;
 int64_t int8_prefetch_bytes() { return TILED_PREFETCH_BYTES; }
 
 static inline int64_t tile_rows(int64_t N, int64_t n0) { return std::min(TILE_N, N - n0); }
@@ -391,7 +396,11 @@ static bool cpu_has_avx512_vnni() {
   unsigned a, b, c, d;
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((c >> 11) & 1);
 }
-static std::atomic<bool> gemv_vnni{cpu_has_avx512_vnni()};
+// On by default on Intel CPUs only. AMD Zen 4 runs each 512-bit vpdpbusd as two 256-bit halves,
+// and there the fp32 path decoded Qwen-7B int8 1.4x as fast (session 18, four pairs of fresh
+// processes alternated: 5.2-5.6 vs 3.7-4.2 tok/s, 69-70% vs 52-56% of the bound at 50-60 GB/s);
+// LLMD_INT8_VNNI=1 turns it on there.
+static std::atomic<bool> gemv_vnni{cpu_has_avx512_vnni() && cpu_is_intel()};
 
 // Whether one-row tiled GEMVs use VNNI; `enable` switches (for comparisons and tests).
 bool int8_gemv_vnni(c10::optional<bool> enable) {
